@@ -1,0 +1,27 @@
+"""Builds the Cython kernel. All metadata lives in pyproject.toml.
+
+``SEGCORE_DEBUG=1`` builds with bounds checks, wraparound checks and no optimisation.
+"""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+debug = os.environ.get("SEGCORE_DEBUG", "") not in ("", "0")
+directives = {
+    "language_level": 3,
+    "boundscheck": debug,
+    "wraparound": debug,
+    "initializedcheck": debug,
+    "cdivision": not debug,
+}
+compile_args = ["-O0", "-g"] if debug else ["-O3"]
+
+ext = Extension(
+    "segcore._kernel",
+    ["src/segcore/_kernel.pyx"],
+    language="c++",
+    extra_compile_args=compile_args + ["-std=c++17"],
+)
+
+setup(ext_modules=cythonize([ext], compiler_directives=directives))

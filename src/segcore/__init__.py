@@ -1,0 +1,2 @@
+from .errors import EventError, RuleError, SegcoreError, SnapshotError
+__all__ = ["EventError", "RuleError", "SegcoreError", "SnapshotError"]

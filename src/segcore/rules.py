@@ -1,0 +1,1030 @@
+"""The rule language: a typed AST (msgspec Structs), a parser, a JSON form and validation.
+
+A rule is one line of text such as ``count(purchase, 90d) >= 3 and trait.country == "SE"``.
+:func:`parse` turns it into an AST of frozen :mod:`msgspec` Structs; :func:`to_json` /
+:func:`from_json` give the same AST as JSON; :mod:`segcore.build` builds it from Python.
+The parser is a hand-written recursive-descent parser (no ``eval``); every error is a
+:class:`~segcore.RuleError` that points at the line and column.
+
+>>> parse("count(purchase, 90d) >= 3")
+Compare(op='>=', left=Agg(fn='count', event='purchase', prop=None, where=None, window_ms=7776000000), right=Num(value=3))
+>>> from_json(to_json(parse("did(support_ticket, 3d)"))) == parse("did(support_ticket, 3d)")
+True
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Union
+
+import msgspec
+
+from .errors import RuleError
+
+__all__ = [
+    "parse", "to_json", "from_json", "to_text", "parse_duration", "validate", "references",
+    "topo_order", "DURATION_MS", "MAX_TIME_MS",
+    "Num", "Str", "Dur", "Now", "FirstSeen", "LastSeen", "First", "Last", "Trait", "Score",
+    "Prop", "Agg", "Arith", "Compare", "InList", "Between", "StrTest", "Exists", "Seen",
+    "InSegment", "Bucket", "Inactive", "Abandoned", "And", "Or", "Not", "Value", "Cond",
+]
+
+DURATION_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
+               "w": 604_800_000}
+#: Timestamps and durations must stay below this (2**48 ms, about year 10889) so that every
+#: sum of a few of them is exact in int64 and in float64.
+MAX_TIME_MS = 2 ** 48
+
+
+class _Node(msgspec.Struct, frozen=True, tag_field="kind", tag=str.lower):
+    pass
+
+
+# --------------------------------------------------------------------------- values
+class Num(_Node, frozen=True):
+    value: Union[int, float]
+
+
+class Str(_Node, frozen=True):
+    value: str
+
+
+class Dur(_Node, frozen=True):
+    """A duration literal such as ``7d``; its value is in milliseconds."""
+    ms: int
+
+
+class Now(_Node, frozen=True):
+    pass
+
+
+class FirstSeen(_Node, frozen=True):
+    pass
+
+
+class LastSeen(_Node, frozen=True):
+    pass
+
+
+class First(_Node, frozen=True):
+    """``first(E)``: timestamp of the earliest ``E`` event (by ts)."""
+    event: str
+
+
+class Last(_Node, frozen=True):
+    """``last(E)``: timestamp of the latest ``E`` event (by ts)."""
+    event: str
+
+
+class Trait(_Node, frozen=True):
+    name: str
+
+
+class Score(_Node, frozen=True):
+    name: str
+
+
+class Prop(_Node, frozen=True):
+    """An event property; only valid inside ``where``."""
+    name: str
+
+
+class Agg(_Node, frozen=True):
+    """``count(E where P, W)``, ``sum(E.prop, W)`` …; ``window_ms`` None means all time."""
+    fn: str
+    event: str
+    prop: Union[str, None] = None
+    where: Union["Cond", None] = None
+    window_ms: Union[int, None] = None
+
+
+class Arith(_Node, frozen=True):
+    op: str
+    left: "Value"
+    right: "Value"
+
+
+# --------------------------------------------------------------------------- conditions
+class Compare(_Node, frozen=True):
+    op: str
+    left: "Value"
+    right: "Value"
+
+
+class InList(_Node, frozen=True):
+    value: "Value"
+    items: tuple[Union[int, float, str], ...]
+    negated: bool = False
+
+
+class Between(_Node, frozen=True):
+    """``v between lo and hi``: ``lo <= v <= hi``."""
+    value: "Value"
+    low: "Value"
+    high: "Value"
+
+
+class StrTest(_Node, frozen=True):
+    """``contains`` / ``startswith`` / ``matches`` (``re.search``) against a string."""
+    op: str
+    value: "Value"
+    pattern: str
+
+
+class Exists(_Node, frozen=True):
+    value: "Value"
+
+
+class Seen(_Node, frozen=True):
+    pass
+
+
+class InSegment(_Node, frozen=True):
+    name: str
+
+
+class Bucket(_Node, frozen=True):
+    lo: int
+    hi: int
+
+
+class Inactive(_Node, frozen=True):
+    """``inactive(W)``: no event in the last ``W`` (true for a user never seen)."""
+    window_ms: int
+
+
+class Abandoned(_Node, frozen=True):
+    a: str
+    b: str
+    within_ms: int
+    by: Union[str, None] = None
+
+
+class And(_Node, frozen=True):
+    items: tuple["Cond", ...]
+
+
+class Or(_Node, frozen=True):
+    items: tuple["Cond", ...]
+
+
+class Not(_Node, frozen=True):
+    item: "Cond"
+
+
+Value = Union[Num, Str, Dur, Now, FirstSeen, LastSeen, First, Last, Trait, Score, Prop, Agg,
+              Arith]
+Cond = Union[Compare, InList, Between, StrTest, Exists, Seen, InSegment, Bucket, Inactive,
+             Abandoned, And, Or, Not]
+
+AGG_FNS = ("count", "sum", "avg", "min", "max", "distinct")
+CMP_OPS = ("==", "!=", "<", "<=", ">", ">=")
+STR_OPS = ("contains", "startswith", "matches")
+KEYWORDS = ("and", "or", "not", "in", "between", "contains", "startswith", "matches", "exists",
+            "where", "by", "all", "now", "seen", "first_seen", "last_seen", "did", "inactive",
+            "abandoned", "bucket", "first", "last", "trait", "score") + AGG_FNS
+_FUNCS = ("count", "sum", "avg", "min", "max", "distinct", "did", "inactive", "abandoned",
+          "bucket", "first", "last", "in", "seen", "first_seen", "last_seen", "now", "trait",
+          "score")
+
+
+# --------------------------------------------------------------------------- lexer
+_TOKEN_RE = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<dur>\d+(?:ms|s|m|h|d|w)(?![A-Za-z0-9_]))
+  | (?P<num>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
+  | (?P<str>"(?:[^"\\\n]|\\.)*")
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>==|!=|<=|>=|<|>|\(|\)|\[|\]|,|\.|\+|-)
+""", re.VERBOSE)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "/": "/"}
+
+
+class _Tok(msgspec.Struct):
+    kind: str
+    text: str
+    pos: int
+    value: object = None
+
+
+def _unescape(body: str, text: str, pos: int, segment: str | None) -> str:
+    out = []
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            nxt = body[i + 1]
+            if nxt not in _ESCAPES:
+                raise _err(f"unknown escape `\\{nxt}` in string", text, pos + 1 + i, segment)
+            out.append(_ESCAPES[nxt])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _lex(text: str, segment: str | None) -> list[_Tok]:
+    toks = []
+    pos = 0
+    n = len(text)
+    while pos < n:
+        m = _TOKEN_RE.match(text, pos)
+        if m is None:
+            if text[pos] == '"':
+                raise _err("unterminated string", text, pos, segment)
+            raise _err(f"unexpected character `{text[pos]}`", text, pos, segment)
+        kind = m.lastgroup
+        s = m.group()
+        if kind == "dur":
+            num = re.match(r"\d+", s).group()
+            unit = s[len(num):]
+            toks.append(_Tok("dur", s, pos, int(num) * DURATION_MS[unit]))
+        elif kind == "num":
+            v = float(s) if any(c in s for c in ".eE") else int(s)
+            toks.append(_Tok("num", s, pos, v))
+        elif kind == "str":
+            toks.append(_Tok("str", s, pos, _unescape(s[1:-1], text, pos, segment)))
+        elif kind != "ws":
+            toks.append(_Tok(kind, s, pos))
+        pos = m.end()
+    toks.append(_Tok("eof", "", n))
+    toks.append(_Tok("eof", "", n))   # lookahead past the end is always safe
+    return toks
+
+
+def _linecol(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return line, col
+
+
+def _err(reason: str, text: str, pos: int, segment: str | None) -> RuleError:
+    line, col = _linecol(text, pos)
+    return RuleError(reason, segment=segment, line=line, column=col)
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def parse_duration(text: str | int) -> int:
+    """Parse ``"90d"`` / ``"1h"`` / ``"250ms"`` (or an int of ms) into milliseconds.
+
+    >>> parse_duration("90d"), parse_duration("1h"), parse_duration(250)
+    (7776000000, 3600000, 250)
+    """
+    if isinstance(text, bool):
+        raise RuleError(f"a duration must be a string like `1h` or an int of ms, got `{text!r}`")
+    if isinstance(text, int):
+        ms = text
+    elif isinstance(text, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(ms|s|m|h|d|w)\s*", text)
+        if m is None:
+            raise RuleError(f"`{text}` is not a duration (expected an integer and a unit out of "
+                            "ms s m h d w, such as `90d`)")
+        ms = int(m.group(1)) * DURATION_MS[m.group(2)]
+    else:
+        raise RuleError(f"a duration must be a string like `1h` or an int of ms, got `{text!r}`")
+    if not 0 <= ms < MAX_TIME_MS:
+        raise RuleError(f"duration `{text}` is out of range (0 to 2**48 ms)")
+    return ms
+
+
+# --------------------------------------------------------------------------- parser
+class _Parser:
+    """Recursive descent over the grammar of DESIGN §3; validates as it goes."""
+
+    def __init__(self, text: str, segment: str | None, segments, event_types):
+        self.text = text
+        self.segment = segment
+        self.segments = segments
+        self.event_types = event_types
+        self.toks = _lex(text, segment)
+        self.i = 0
+        self.in_where = False
+        self.refs: list[tuple[str, int]] = []
+
+    # token helpers
+    @property
+    def tok(self) -> _Tok:
+        return self.toks[self.i]
+
+    def err(self, reason: str, pos: int | None = None) -> RuleError:
+        return _err(reason, self.text, self.tok.pos if pos is None else pos, self.segment)
+
+    def at(self, text: str) -> bool:
+        t = self.tok
+        return t.kind in ("name", "op") and t.text == text
+
+    def take(self, text: str) -> bool:
+        if self.at(text):
+            self.i += 1
+            return True
+        return False
+
+    def expect(self, text: str, what: str | None = None) -> _Tok:
+        if not self.at(text):
+            raise self.err(f"expected `{text}`{' ' + what if what else ''}, found "
+                           f"{self.describe(self.tok)}")
+        t = self.tok
+        self.i += 1
+        return t
+
+    @staticmethod
+    def describe(t: _Tok) -> str:
+        return "end of rule" if t.kind == "eof" else f"`{t.text}`"
+
+    def name(self, what: str) -> _Tok:
+        t = self.tok
+        if t.kind != "name":
+            raise self.err(f"expected {what}, found {self.describe(t)}")
+        self.i += 1
+        return t
+
+    def event(self) -> str:
+        t = self.name("an event type")
+        if t.text in ("and", "or", "not", "where", "in"):
+            raise self.err(f"expected an event type, found keyword `{t.text}`", t.pos)
+        if self.event_types is not None and t.text not in self.event_types:
+            raise self.err(f"unknown event type `{t.text}`{_suggest(t.text, self.event_types)}",
+                           t.pos)
+        return t.text
+
+    def duration(self, allow_all: bool) -> int | None:
+        t = self.tok
+        if allow_all and self.take("all"):
+            return None
+        if t.kind != "dur":
+            if t.kind == "num":
+                raise self.err(f"`{t.text}` needs a unit (ms, s, m, h, d or w), such as "
+                               f"`{t.text}d`")
+            raise self.err(f"expected a duration such as `7d`{' or `all`' if allow_all else ''}"
+                           f", found {self.describe(t)}")
+        self.i += 1
+        if t.value >= MAX_TIME_MS:
+            raise self.err(f"duration `{t.text}` is too long (at most 2**48 ms)", t.pos)
+        if t.value == 0 and allow_all:
+            raise self.err("a window must be longer than 0", t.pos)
+        return t.value
+
+    # grammar
+    def parse(self) -> Cond:
+        if self.tok.kind == "eof":
+            raise self.err("empty rule")
+        node = self.or_()
+        if self.tok.kind != "eof":
+            raise self.err(f"unexpected {self.describe(self.tok)} after a complete rule"
+                           + (" (conditions are joined with `and` / `or`)"
+                              if self.tok.kind in ("name", "num", "str", "dur") else ""))
+        return node
+
+    def or_(self) -> Cond:
+        items = [self.and_()]
+        while self.take("or"):
+            items.append(self.and_())
+        return items[0] if len(items) == 1 else Or(tuple(items))
+
+    def and_(self) -> Cond:
+        items = [self.unary()]
+        while self.take("and"):
+            items.append(self.unary())
+        return items[0] if len(items) == 1 else And(tuple(items))
+
+    def unary(self) -> Cond:
+        if self.take("not"):
+            return Not(self.unary())
+        return self.atom()
+
+    def atom(self) -> Cond:
+        t = self.tok
+        start = t.pos
+        nxt = self.toks[self.i + 1]
+        is_call = nxt.kind == "op" and nxt.text == "("
+        if self.at("("):
+            # Either a parenthesised condition or a parenthesised value in a test.
+            save = self.i
+            self.i += 1
+            try:
+                node = self.or_()
+                self.expect(")")
+                if not self._starts_test_tail():
+                    return node
+            except RuleError:
+                pass
+            self.i = save
+            return self.test()
+        if t.kind == "name" and not self.in_where:
+            if t.text == "seen":
+                self.i += 1
+                return Seen()
+            if t.text == "in" and is_call:
+                self.i += 2
+                nt = self.name("a segment name")
+                self.expect(")")
+                if self.segments is not None and nt.text not in self.segments:
+                    raise self.err(f"unknown segment `{nt.text}`"
+                                   f"{_suggest(nt.text, self.segments)}", nt.pos)
+                self.refs.append((nt.text, nt.pos))
+                return InSegment(nt.text)
+            if t.text == "bucket" and is_call:
+                self.i += 2
+                lo = self.int_arg("bucket's low end")
+                self.expect(",")
+                hi = self.int_arg("bucket's high end")
+                self.expect(")")
+                if not 0 <= lo <= hi <= 9999:
+                    raise self.err(f"bucket({lo}, {hi}) needs 0 <= lo <= hi <= 9999", start)
+                return Bucket(lo, hi)
+            if t.text == "did" and is_call:
+                self.i += 2
+                ev = self.event()
+                where = self.where()
+                window = None
+                if self.take(","):
+                    window = self.duration(allow_all=True)
+                self.expect(")")
+                return Compare(">=", Agg("count", ev, None, where, window), Num(1))
+            if t.text == "inactive" and is_call:
+                self.i += 2
+                w = self.duration(allow_all=False)
+                if w == 0:
+                    raise self.err("inactive() needs a duration longer than 0", start)
+                self.expect(")")
+                return Inactive(w)
+            if t.text == "abandoned" and is_call:
+                self.i += 2
+                a = self.event()
+                self.expect(",")
+                b = self.event()
+                self.expect(",")
+                w = self.duration(allow_all=False)
+                self.expect(")")
+                by = None
+                if self.take("by"):
+                    by = self.name("a property name after `by`").text
+                return Abandoned(a, b, w, by)
+        return self.test()
+
+    def int_arg(self, what: str) -> int:
+        t = self.tok
+        neg = self.take("-")
+        t = self.tok
+        if t.kind != "num" or not isinstance(t.value, int):
+            raise self.err(f"expected an integer for {what}, found {self.describe(t)}")
+        self.i += 1
+        return -t.value if neg else t.value
+
+    def _starts_test_tail(self) -> bool:
+        t = self.tok
+        if t.kind == "op" and t.text in CMP_OPS + ("+", "-"):
+            return True
+        if t.kind == "name" and t.text in ("in", "between", "exists") + STR_OPS:
+            return True
+        if t.kind == "name" and t.text == "not":
+            nxt = self.toks[self.i + 1]
+            return nxt.kind == "name" and nxt.text == "in"
+        return False
+
+    def where(self) -> Cond | None:
+        if not self.take("where"):
+            return None
+        if self.in_where:
+            raise self.err("`where` cannot be nested")
+        self.in_where = True
+        try:
+            cond = self.or_()
+        finally:
+            self.in_where = False
+        return cond
+
+    def test(self) -> Cond:
+        start = self.tok.pos
+        left = self.value()
+        t = self.tok
+        if t.kind == "op" and t.text in CMP_OPS:
+            self.i += 1
+            right = self.value()
+            node = Compare(t.text, left, right)
+        elif self.at("not") or self.at("in"):
+            negated = self.take("not")
+            self.expect("in", "after `not`" if negated else None)
+            node = InList(left, self.list_(), negated)
+        elif self.take("between"):
+            low = self.value()
+            self.expect("and", "in `between … and …`")
+            high = self.value()
+            node = Between(left, low, high)
+        elif t.kind == "name" and t.text in STR_OPS:
+            self.i += 1
+            s = self.tok
+            if s.kind != "str":
+                raise self.err(f"`{t.text}` takes a string, found {self.describe(s)}")
+            self.i += 1
+            if t.text == "matches":
+                try:
+                    re.compile(s.value)
+                except re.error as e:
+                    raise self.err(f"bad regular expression: {e}", s.pos) from None
+            node = StrTest(t.text, left, s.value)
+        elif self.take("exists"):
+            node = Exists(left)
+        else:
+            if isinstance(left, (Agg,)) or t.kind == "eof":
+                raise self.err(f"expected a comparison (== != < <= > >=, in, between, …) "
+                               f"after the value, found {self.describe(t)}")
+            raise self.err(f"expected a comparison after the value, found {self.describe(t)}")
+        def fail(reason: str):
+            raise self.err(reason, start)
+
+        _check_test(node, fail, self.in_where)
+        return node
+
+    def list_(self) -> tuple:
+        self.expect("[", "to open a list")
+        items = []
+        if not self.at("]"):
+            while True:
+                items.append(self.literal())
+                if not self.take(","):
+                    break
+        self.expect("]", "to close the list")
+        return tuple(items)
+
+    def literal(self):
+        t = self.tok
+        neg = False
+        if self.take("-"):
+            neg = True
+            t = self.tok
+        if t.kind in ("num", "dur"):
+            self.i += 1
+            return -t.value if neg else t.value
+        if t.kind == "str" and not neg:
+            self.i += 1
+            return t.value
+        raise self.err(f"list items must be numbers or strings, found {self.describe(t)}")
+
+    def value(self):
+        node = self.term()
+        while self.tok.kind == "op" and self.tok.text in ("+", "-"):
+            op = self.tok.text
+            self.i += 1
+            node = Arith(op, node, self.term())
+        return node
+
+    def term(self):
+        t = self.tok
+        if t.kind == "op" and t.text == "-":
+            nt = self.toks[self.i + 1]
+            if nt.kind in ("num", "dur"):
+                self.i += 2
+                return Num(-nt.value) if nt.kind == "num" else Dur(-nt.value)
+            raise self.err("unary minus is only allowed before a number")
+        if t.kind == "num":
+            self.i += 1
+            return Num(t.value)
+        if t.kind == "str":
+            self.i += 1
+            return Str(t.value)
+        if t.kind == "dur":
+            self.i += 1
+            return Dur(t.value)
+        if self.at("("):
+            self.i += 1
+            v = self.value()
+            self.expect(")")
+            return v
+        if t.kind != "name":
+            raise self.err(f"expected a value, found {self.describe(t)}")
+        nxt = self.toks[self.i + 1]
+        is_call = nxt.kind == "op" and nxt.text == "("
+        if self.in_where:
+            if t.text in ("trait", "score", "now") or is_call:
+                raise self.err(f"inside `where`, only event properties and constants can be "
+                               f"compared; found `{t.text}`")
+            if t.text in ("and", "or", "not", "in", "between", "exists", "where"):
+                raise self.err(f"expected a property name, found keyword `{t.text}`")
+            self.i += 1
+            return Prop(t.text)
+        word = t.text
+        if word == "now":
+            self.i += 1
+            return Now()
+        if word == "first_seen":
+            self.i += 1
+            return FirstSeen()
+        if word == "last_seen":
+            self.i += 1
+            return LastSeen()
+        if word in ("trait", "score"):
+            self.i += 1
+            if not self.take("."):
+                raise self.err(f"expected `.` and a name after `{word}` (as in `{word}.x`)")
+            n = self.name(f"a {word} name")
+            return Trait(n.text) if word == "trait" else Score(n.text)
+        if word in ("first", "last") and is_call:
+            self.i += 2
+            ev = self.event()
+            self.expect(")")
+            return First(ev) if word == "first" else Last(ev)
+        if word in AGG_FNS and is_call:
+            return self.aggregate()
+        if is_call:
+            raise self.err(f"unknown function `{word}`{_suggest(word, _FUNCS)}")
+        if word in KEYWORDS:
+            raise self.err(f"expected a value, found keyword `{word}`")
+        raise self.err(f"unknown name `{word}`{_suggest(word, _FUNCS)} (event properties "
+                       "are only available inside `where`; traits are `trait.NAME`)")
+
+    def aggregate(self) -> Agg:
+        fn = self.tok.text
+        self.i += 2
+        ev = self.event()
+        prop = None
+        if fn != "count":
+            if not self.take("."):
+                raise self.err(f"`{fn}` needs a property, as in `{fn}({ev}.amount)`")
+            prop = self.name("a property name").text
+        elif self.at("."):
+            raise self.err("`count` counts events and takes no property "
+                           f"(`count({ev})`, or `distinct({ev}.prop)`)")
+        where = self.where()
+        window = None
+        if self.take(","):
+            window = self.duration(allow_all=True)
+        self.expect(")", f"to close `{fn}(`")
+        return Agg(fn, ev, prop, where, window)
+
+
+# --------------------------------------------------------------------------- validation
+_TIME_TERMS = (FirstSeen, LastSeen, First, Last)
+
+
+def _linear_terms(v, sign: int, out: list) -> None:
+    if isinstance(v, Arith):
+        _linear_terms(v.left, sign, out)
+        _linear_terms(v.right, sign if v.op == "+" else -sign, out)
+    else:
+        out.append((sign, v))
+
+
+def _kinds(v) -> list:
+    out: list = []
+    _linear_terms(v, 1, out)
+    return out
+
+
+def _check_test(node, fail, in_where: bool) -> None:
+    """Static checks of one test; ``fail(reason)`` builds the error to raise."""
+    values = []
+    if isinstance(node, Compare):
+        values = [node.left, node.right]
+    elif isinstance(node, Between):
+        values = [node.value, node.low, node.high]
+    elif isinstance(node, (InList, StrTest, Exists)):
+        values = [node.value]
+    terms = []
+    for i, v in enumerate(values):
+        sign = 1 if i == 0 else -1
+        _linear_terms(v, sign, terms)
+    nodes = [t for _, t in terms]
+    has_str = any(isinstance(t, Str) for t in nodes)
+    n_parts = sum(1 for v in values for _ in _kinds(v))
+    if has_str and n_parts != len(values):
+        fail("strings cannot be added or subtracted")
+    if isinstance(node, (InList, StrTest, Exists)):
+        if any(isinstance(v, Arith) for v in values):
+            fail(f"`{type(node).__name__.lower()}` applies to a single property, trait or value")
+        v = values[0]
+        if not isinstance(v, (Prop, Trait, Score)):
+            what = {InList: "`in [...]`", StrTest: f"`{getattr(node, 'op', '')}`",
+                    Exists: "`exists`"}[type(node)]
+            fail(f"{what} applies to an event property, a trait or a score")
+        return
+    has_prop = any(isinstance(t, Prop) for t in nodes)
+    has_trait = any(isinstance(t, Trait) for t in nodes)
+    has_now = any(isinstance(t, Now) for t in nodes)
+    dynamic = [t for t in nodes if not isinstance(t, (Num, Str, Dur))]
+    if not dynamic:
+        fail("this comparison has only constants; it is always true or always false")
+    if has_prop and any(isinstance(t, (Prop,)) is False and not isinstance(t, (Num, Str, Dur))
+                        for t in nodes):
+        fail("an event property can only be compared with constants")
+    if has_trait:
+        if any(not isinstance(t, (Trait, Num, Str, Dur)) for t in nodes):
+            fail("a trait can only be compared with constants (`trait.x >= 18`)")
+        if sum(isinstance(t, Trait) for t in nodes) > 1:
+            fail("a test can use only one trait")
+        if len(dynamic) != 1 or any(isinstance(v, Arith) for v in values):
+            fail("a trait test compares one trait with constants")
+    if has_prop:
+        if sum(isinstance(t, Prop) for t in nodes) > 1 or any(isinstance(v, Arith)
+                                                             for v in values):
+            fail("a `where` test compares one property with constants")
+    if has_now:
+        coef = sum(s for s, t in terms if isinstance(t, Now))
+        if sum(isinstance(t, Now) for t in nodes) != 1:
+            fail("`now` must appear exactly once in a comparison")
+        if isinstance(node, Between):
+            fail("`now` cannot be used with `between`; write two comparisons")
+        bad = [t for t in nodes if not isinstance(t, _TIME_TERMS + (Now, Num, Dur))]
+        if bad or any(isinstance(t, Num) and not isinstance(t.value, int) for t in nodes):
+            fail("a comparison with `now` may only use first_seen, last_seen, first(E), "
+                 "last(E), durations and whole numbers (as in `first_seen >= now - 7d`)")
+        tcoef = sum(s for s, t in terms if isinstance(t, _TIME_TERMS))
+        if tcoef != -coef:
+            fail("a comparison with `now` must compare an age, as in `last_seen < now - 7d` "
+                 "or `now - first(purchase) > 30d`")
+
+
+def _walk(node, into_where: bool = True):
+    yield node
+    if isinstance(node, (And, Or)):
+        for it in node.items:
+            yield from _walk(it, into_where)
+    elif isinstance(node, Not):
+        yield from _walk(node.item, into_where)
+    elif isinstance(node, (Compare, Arith)):
+        yield from _walk(node.left, into_where)
+        yield from _walk(node.right, into_where)
+    elif isinstance(node, Between):
+        yield from _walk(node.value, into_where)
+        yield from _walk(node.low, into_where)
+        yield from _walk(node.high, into_where)
+    elif isinstance(node, (InList, StrTest, Exists)):
+        yield from _walk(node.value, into_where)
+    elif isinstance(node, Agg) and node.where is not None and into_where:
+        yield from _walk(node.where, into_where)
+
+
+def references(node) -> list[str]:
+    """Names of the segments a rule refers to with ``in(NAME)``, in order, without repeats."""
+    out: list[str] = []
+    for n in _walk(node):
+        if isinstance(n, InSegment) and n.name not in out:
+            out.append(n.name)
+    return out
+
+
+def validate(node, segment: str | None = None, path: str = "$") -> None:
+    """Check an AST built from Python or JSON with the same rules the parser applies."""
+
+    def check(n, p: str, in_where: bool) -> None:
+        def fail(reason):
+            raise RuleError(reason, segment=segment, path=p)
+
+        if isinstance(n, (And, Or)):
+            if len(n.items) < 2:
+                fail(f"`{type(n).__name__.lower()}` needs at least two conditions")
+            for i, it in enumerate(n.items):
+                check(it, f"{p}.items[{i}]", in_where)
+        elif isinstance(n, Not):
+            check(n.item, f"{p}.item", in_where)
+        elif isinstance(n, (Compare, InList, Between, StrTest, Exists)):
+            if isinstance(n, Compare) and n.op not in CMP_OPS:
+                fail(f"unknown comparison `{n.op}`")
+            if isinstance(n, StrTest):
+                if n.op not in STR_OPS:
+                    fail(f"unknown string test `{n.op}`")
+                if n.op == "matches":
+                    try:
+                        re.compile(n.pattern)
+                    except re.error as e:
+                        fail(f"bad regular expression: {e}")
+            for v in _walk(n, into_where=False):
+                if isinstance(v, Prop) and not in_where:
+                    fail(f"property `{v.name}` is only available inside `where`")
+                if in_where and isinstance(v, (Agg, Trait, Score, Now, FirstSeen, LastSeen,
+                                               First, Last)):
+                    fail("inside `where`, only event properties and constants can be compared")
+                if isinstance(v, Agg):
+                    check_agg(v, p)
+                if isinstance(v, Arith) and v.op not in ("+", "-"):
+                    fail(f"unknown operator `{v.op}`")
+                if isinstance(v, Dur) and not abs(v.ms) < MAX_TIME_MS:
+                    fail("duration out of range")
+            _check_test(n, fail, in_where)
+        elif isinstance(n, Bucket):
+            if not 0 <= n.lo <= n.hi <= 9999:
+                fail(f"bucket({n.lo}, {n.hi}) needs 0 <= lo <= hi <= 9999")
+        elif isinstance(n, Inactive):
+            if not 0 < n.window_ms < MAX_TIME_MS:
+                fail("inactive() needs a duration longer than 0")
+        elif isinstance(n, Abandoned):
+            if not 0 <= n.within_ms < MAX_TIME_MS:
+                fail("abandoned() needs a duration of 0 or more")
+        elif isinstance(n, (Seen, InSegment)):
+            if in_where:
+                fail("only property tests are allowed inside `where`")
+        else:
+            fail(f"`{type(n).__name__}` is not a condition")
+
+    def check_agg(a: Agg, p: str) -> None:
+        if a.fn not in AGG_FNS:
+            raise RuleError(f"unknown aggregate `{a.fn}`{_suggest(a.fn, AGG_FNS)}",
+                            segment=segment, path=p)
+        if (a.fn == "count") != (a.prop is None):
+            raise RuleError(f"`{a.fn}` {'takes no' if a.fn == 'count' else 'needs a'} property",
+                            segment=segment, path=p)
+        if a.window_ms is not None and not 0 < a.window_ms < MAX_TIME_MS:
+            raise RuleError("a window must be longer than 0", segment=segment, path=p)
+        if a.where is not None:
+            check(a.where, f"{p}.where", True)
+
+    check(node, path, False)
+
+
+# --------------------------------------------------------------------------- entry points
+class Parsed(msgspec.Struct, frozen=True):
+    """A parsed rule: the AST plus where each ``in(NAME)`` reference stands (for errors)."""
+    ast: Cond
+    text: str
+    refs: tuple[tuple[str, int, int], ...] = ()   # (segment name, line, column)
+
+
+def parse(text: str, *, segment: str | None = None, segments=None, event_types=None):
+    """Parse one rule into its AST.
+
+    Parameters
+    ----------
+    text : str
+        The rule, e.g. ``'count(purchase, 90d) >= 3'``.
+    segment : str, optional
+        Name of the segment being defined (named in errors).
+    segments : collection of str, optional
+        When given, ``in(NAME)`` must name one of these.
+    event_types : collection of str, optional
+        When given, every event type must be one of these ("did you mean" otherwise).
+
+    >>> parse('trait.country == "SE" and not in(vip)')
+    And(items=(Compare(op='==', left=Trait(name='country'), right=Str(value='SE')), Not(item=InSegment(name='vip'))))
+    >>> parse("count(purchase, 90d >= 3", segment="fb")
+    Traceback (most recent call last):
+    ...
+    segcore.errors.RuleError: expected `)` to close `count(`, found `>=` - at line 1, column 21 of `fb`
+    """
+    return parse_full(text, segment=segment, segments=segments, event_types=event_types).ast
+
+
+def parse_full(text: str, *, segment: str | None = None, segments=None,
+               event_types=None) -> Parsed:
+    if not isinstance(text, str):
+        raise RuleError(f"a rule must be a string, got {type(text).__name__}", segment=segment)
+    p = _Parser(text, segment, segments, event_types)
+    ast = p.parse()
+    refs = tuple((name, *_linecol(text, pos)) for name, pos in p.refs)
+    return Parsed(ast, text, refs)
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Cond)
+
+
+def to_json(node) -> bytes:
+    """The JSON form of a rule's AST (a tagged tree; ``kind`` names the node type)."""
+    return _encoder.encode(node)
+
+
+def from_json(data, *, segment: str | None = None):
+    """Decode and validate a rule from its JSON form (bytes, str, or a decoded dict)."""
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview, str)):
+            node = _decoder.decode(data)
+        else:
+            node = msgspec.convert(data, Cond)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        msg = str(e)
+        path = None
+        m = re.search(r" - at `(\$[^`]*)`$", msg)
+        if m:
+            path = m.group(1)
+            msg = msg[: m.start()]
+        raise RuleError(f"invalid rule JSON: {msg}", segment=segment, path=path) from None
+    validate(node, segment)
+    return node
+
+
+# --------------------------------------------------------------------------- unparse
+_PREC = {Or: 1, And: 2, Not: 3}
+
+
+def _fmt_dur(ms: int) -> str:
+    for unit in ("w", "d", "h", "m", "s"):
+        n = DURATION_MS[unit]
+        if ms and ms % n == 0:
+            return f"{ms // n}{unit}"
+    return f"{ms}ms"
+
+
+def _fmt_lit(v) -> str:
+    if isinstance(v, str):
+        return msgspec.json.encode(v).decode()
+    return repr(v)
+
+
+def to_text(node) -> str:
+    """Render an AST back as rule text (parsing the result gives the same AST).
+
+    >>> to_text(parse("did(support_ticket, 3d) and   not seen"))
+    'count(support_ticket, 3d) >= 1 and not seen'
+    """
+    def val(v) -> str:
+        if isinstance(v, Num):
+            return repr(v.value)
+        if isinstance(v, Str):
+            return _fmt_lit(v.value)
+        if isinstance(v, Dur):
+            return ("-" if v.ms < 0 else "") + _fmt_dur(abs(v.ms))
+        if isinstance(v, Now):
+            return "now"
+        if isinstance(v, FirstSeen):
+            return "first_seen"
+        if isinstance(v, LastSeen):
+            return "last_seen"
+        if isinstance(v, (First, Last)):
+            return f"{type(v).__name__.lower()}({v.event})"
+        if isinstance(v, Trait):
+            return f"trait.{v.name}"
+        if isinstance(v, Score):
+            return f"score.{v.name}"
+        if isinstance(v, Prop):
+            return v.name
+        if isinstance(v, Agg):
+            s = v.event + (f".{v.prop}" if v.prop else "")
+            if v.where is not None:
+                s += " where " + cond(v.where, 0)
+            if v.window_ms is not None:
+                s += ", " + _fmt_dur(v.window_ms)
+            return f"{v.fn}({s})"
+        if isinstance(v, Arith):
+            r = val(v.right)
+            if isinstance(v.right, Arith):
+                r = f"({r})"
+            return f"{val(v.left)} {v.op} {r}"
+        raise TypeError(v)
+
+    def cond(c, prec: int) -> str:
+        if isinstance(c, (And, Or)):
+            word = " and " if isinstance(c, And) else " or "
+            s = word.join(cond(it, _PREC[type(c)] + (0 if not isinstance(it, type(c)) else 1))
+                          for it in c.items)
+            return f"({s})" if _PREC[type(c)] < prec else s
+        if isinstance(c, Not):
+            return "not " + cond(c.item, 3)
+        if isinstance(c, Compare):
+            return f"{val(c.left)} {c.op} {val(c.right)}"
+        if isinstance(c, InList):
+            items = ", ".join(_fmt_lit(x) for x in c.items)
+            return f"{val(c.value)} {'not in' if c.negated else 'in'} [{items}]"
+        if isinstance(c, Between):
+            return f"{val(c.value)} between {val(c.low)} and {val(c.high)}"
+        if isinstance(c, StrTest):
+            return f"{val(c.value)} {c.op} {_fmt_lit(c.pattern)}"
+        if isinstance(c, Exists):
+            return f"{val(c.value)} exists"
+        if isinstance(c, Seen):
+            return "seen"
+        if isinstance(c, InSegment):
+            return f"in({c.name})"
+        if isinstance(c, Bucket):
+            return f"bucket({c.lo}, {c.hi})"
+        if isinstance(c, Inactive):
+            return f"inactive({_fmt_dur(c.window_ms)})"
+        if isinstance(c, Abandoned):
+            s = f"abandoned({c.a}, {c.b}, {_fmt_dur(c.within_ms) if c.within_ms else '0ms'})"
+            return s + (f" by {c.by}" if c.by else "")
+        raise TypeError(c)
+
+    return cond(node, 0)
+
+
+# --------------------------------------------------------------------------- segment sets
+def topo_order(deps: dict[str, list[str]]) -> list[str]:
+    """Evaluation order: every segment after the segments it references, otherwise in
+    definition order (the order of ``deps``). Raises RuleError naming a cycle."""
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        st = state.get(name, 0)
+        if st == 2:
+            return
+        if st == 1:
+            cyc = stack[stack.index(name):] + [name]
+            raise RuleError("segments reference each other in a cycle: "
+                            + " -> ".join(f"`{c}`" for c in cyc), segment=cyc[0])
+        state[name] = 1
+        stack.append(name)
+        for d in deps.get(name, ()):
+            if d in deps:
+                visit(d, stack)
+        stack.pop()
+        state[name] = 2
+        order.append(name)
+
+    for name in deps:
+        visit(name, [])
+    return order
