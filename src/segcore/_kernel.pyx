@@ -1,0 +1,1074 @@
+# distutils: language = c++
+"""segcore's private compiled kernel.
+
+It knows nothing about rule text, names, JSON or callbacks: it receives a flat plan (arrays of
+feature, atom, term and program descriptors built by ``compile.py``) and events as integer and
+float columns, keeps every user's hot state in flat typed arrays, and appends
+``(user, segment, entered, ts)`` transitions to a buffer that ``engine.py`` drains.
+
+Invariants (see docs/semantics.md):
+
+* ``now`` never decreases; every evaluation happens at a time >= every earlier evaluation.
+* ``wake[u]`` is the next instant > last evaluation of ``u`` at which any time-dependent input
+  of ``u`` can change (a windowed event expiring, an abandoned cart maturing, an age test
+  flipping), or INT64_MAX. The heap holds ``(wake, u)`` pairs; entries whose time differs from
+  ``wake[u]`` are stale and skipped. So ``advance`` touches exactly the users with something
+  due, never all users.
+"""
+
+cimport cython
+from libc.stdint cimport int64_t, int32_t, uint32_t, uint8_t, INT64_MAX, INT64_MIN
+from libc.math cimport isnan, NAN, INFINITY
+from libcpp.vector cimport vector
+from libcpp.pair cimport pair
+from libcpp.algorithm cimport push_heap, pop_heap, make_heap, sort
+
+import numpy as np
+
+# feature kinds (mirrored in compile.py)
+
+# atom kinds
+
+# comparison ops
+
+# value terms (postfix)
+
+# feature value functions
+
+# program ops
+
+
+cdef enum:
+    K_TOPK = 1
+    K_COUNT = 2
+    K_STATS = 3
+    K_FIRST = 4
+    K_LAST = 5
+    K_WLIST = 6
+    K_DISTINCT = 7
+    K_ABANDON = 8
+    K_ABANDON_BY = 9
+    A_CONST = 0
+    A_COUNTK = 1
+    A_NUM = 2
+    A_TIME = 3
+    A_TRAIT = 4
+    A_BUCKET = 5
+    A_IN = 6
+    A_ABANDON = 7
+    OP_EQ = 0
+    OP_NE = 1
+    OP_LT = 2
+    OP_LE = 3
+    OP_GT = 4
+    OP_GE = 5
+    OP_EXISTS = 6
+    T_CONST = 0
+    T_FEAT = 1
+    T_SCORE = 2
+    T_ADD = 3
+    T_SUB = 4
+    FN_COUNT = 0
+    FN_SUM = 1
+    FN_AVG = 2
+    FN_MIN = 3
+    FN_MAX = 4
+    FN_DISTINCT = 5
+    FN_TS = 6
+    P_ATOM = 0
+    P_AND = 1
+    P_OR = 2
+    P_NOT = 3
+    STACK = 64
+
+
+cdef struct Entry:
+    int64_t ts
+    double val
+    int64_t key
+    int64_t aux
+
+ctypedef pair[int64_t, int64_t] HeapItem
+
+
+cdef inline bint cmp_d(int op, double a, double b) noexcept nogil:
+    if op == OP_EQ:
+        return a == b
+    if op == OP_NE:
+        return a != b
+    if op == OP_LT:
+        return a < b
+    if op == OP_LE:
+        return a <= b
+    if op == OP_GT:
+        return a > b
+    if op == OP_GE:
+        return a >= b
+    return False
+
+
+cdef inline bint cmp_i(int op, int64_t a, int64_t b) noexcept nogil:
+    if op == OP_EQ:
+        return a == b
+    if op == OP_NE:
+        return a != b
+    if op == OP_LT:
+        return a < b
+    if op == OP_LE:
+        return a <= b
+    if op == OP_GT:
+        return a > b
+    if op == OP_GE:
+        return a >= b
+    return False
+
+
+cdef inline bint entry_key_less(const Entry& a, const Entry& b) noexcept nogil:
+    return a.key < b.key
+
+
+def _i32(x):
+    return np.ascontiguousarray(x, dtype=np.int32)
+
+
+def _i64(x):
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def _f64(x):
+    return np.ascontiguousarray(x, dtype=np.float64)
+
+
+@cython.final
+cdef class Kernel:
+    """Per-user hot state, the timer heap and the evaluator for one compiled plan."""
+
+    # ---- plan
+    cdef readonly int n_feat, n_seg, n_atom, n_codes, istride, fstride, n_var
+    cdef readonly int n_trait, n_score, n_filter, n_val, n_key
+    cdef int32_t[::1] f_kind, f_event, f_event2, f_filter, f_val, f_key, f_k, f_ioff, f_foff
+    cdef int32_t[::1] f_var, f_fn
+    cdef int64_t[::1] f_window
+    cdef int32_t[::1] lst_start, lst_feat, any_feat
+    cdef int32_t[::1] time_feats
+    cdef int32_t[::1] a_kind, a_op, a_f, a_t0, a_t1, a_t2, a_t3, a_s
+    cdef double[::1] a_k
+    cdef int64_t[::1] a_c
+    cdef int32_t[::1] time_atoms
+    cdef int32_t[::1] t_kind, t_a, t_b
+    cdef double[::1] t_v
+    cdef int32_t[::1] p_start, p_op, p_arg
+    cdef int64_t[::1] irow_init
+    cdef double[::1] frow_init
+    # ---- state
+    cdef readonly int64_t n_users, cap, now
+    cdef object _istate, _fstate, _members, _tbits, _scores, _bucket, _wake
+    cdef int64_t* istate
+    cdef double* fstate
+    cdef uint8_t* members
+    cdef uint8_t* tbits
+    cdef double* scores
+    cdef int32_t* bucket
+    cdef int64_t* wake
+    cdef vector[vector[Entry]] pools
+    cdef vector[HeapItem] heap
+    cdef vector[uint32_t] tr_u
+    cdef vector[int32_t] tr_s
+    cdef vector[uint8_t] tr_e
+    cdef vector[int64_t] tr_t
+    cdef vector[Entry] scratch
+
+    def __init__(self, dict plan):
+        self.f_kind = _i32(plan["f_kind"])
+        self.n_feat = self.f_kind.shape[0]
+        self.f_event = _i32(plan["f_event"])
+        self.f_event2 = _i32(plan["f_event2"])
+        self.f_filter = _i32(plan["f_filter"])
+        self.f_val = _i32(plan["f_val"])
+        self.f_key = _i32(plan["f_key"])
+        self.f_k = _i32(plan["f_k"])
+        self.f_ioff = _i32(plan["f_ioff"])
+        self.f_foff = _i32(plan["f_foff"])
+        self.f_var = _i32(plan["f_var"])
+        self.f_window = _i64(plan["f_window"])
+        self.lst_start = _i32(plan["lst_start"])
+        self.lst_feat = _i32(plan["lst_feat"])
+        self.any_feat = _i32(plan["any_feat"])
+        self.time_feats = _i32(plan["time_feats"])
+        self.n_codes = self.lst_start.shape[0] - 1
+        self.a_kind = _i32(plan["a_kind"])
+        self.n_atom = self.a_kind.shape[0]
+        self.a_op = _i32(plan["a_op"])
+        self.a_f = _i32(plan["a_f"])
+        self.a_t0 = _i32(plan["a_t0"])
+        self.a_t1 = _i32(plan["a_t1"])
+        self.a_t2 = _i32(plan["a_t2"])
+        self.a_t3 = _i32(plan["a_t3"])
+        self.a_s = _i32(plan["a_s"])
+        self.a_k = _f64(plan["a_k"])
+        self.a_c = _i64(plan["a_c"])
+        self.time_atoms = _i32(plan["time_atoms"])
+        self.t_kind = _i32(plan["t_kind"])
+        self.t_a = _i32(plan["t_a"])
+        self.t_b = _i32(plan["t_b"])
+        self.t_v = _f64(plan["t_v"])
+        self.p_start = _i32(plan["p_start"])
+        self.n_seg = self.p_start.shape[0] - 1
+        self.p_op = _i32(plan["p_op"])
+        self.p_arg = _i32(plan["p_arg"])
+        self.istride = int(plan["istride"])
+        self.fstride = int(plan["fstride"])
+        self.n_var = int(plan["n_var"])
+        self.n_trait = int(plan["n_trait"])
+        self.n_score = int(plan["n_score"])
+        self.n_filter = int(plan["n_filter"])
+        self.n_val = int(plan["n_val"])
+        self.n_key = int(plan["n_key"])
+        self.irow_init = _i64(plan["irow_init"])
+        self.frow_init = _f64(plan["frow_init"])
+        self._check_plan()
+        self.n_users = 0
+        self.cap = 0
+        self.now = 0
+        self._alloc(16)
+
+    cdef void _check_plan(self) except *:
+        # The plan comes from compile.py, but a bad plan must raise, never corrupt memory.
+        cdef int f, a, i, p
+        if self.irow_init.shape[0] != self.istride or self.frow_init.shape[0] != self.fstride:
+            raise ValueError("plan: row template sizes do not match strides")
+        for name in ("f_event", "f_event2", "f_filter", "f_val", "f_key", "f_k", "f_ioff",
+                     "f_foff", "f_var", "f_window"):
+            if getattr(self, "_len_" + name)() != self.n_feat:
+                raise ValueError(f"plan: {name} has the wrong length")
+        for f in range(self.n_feat):
+            if not (0 <= self.f_ioff[f] and self.f_ioff[f] + self._isize(f) <= self.istride):
+                raise ValueError("plan: feature int offset out of range")
+            if not (0 <= self.f_foff[f] and self.f_foff[f] + self._fsize(f) <= self.fstride):
+                raise ValueError("plan: feature float offset out of range")
+            if self.f_filter[f] >= self.n_filter or self.f_val[f] >= self.n_val \
+                    or self.f_key[f] >= self.n_key or self.f_var[f] >= self.n_var:
+                raise ValueError("plan: feature column out of range")
+            if self.f_kind[f] in (K_WLIST, K_DISTINCT, K_ABANDON_BY) and self.f_var[f] < 0:
+                raise ValueError("plan: variable feature without a pool")
+            if self.f_kind[f] == K_ABANDON_BY and self.f_key[f] < 0:
+                raise ValueError("plan: keyed abandon without a key column")
+            if self.f_kind[f] < K_TOPK or self.f_kind[f] > K_ABANDON_BY:
+                raise ValueError("plan: unknown feature kind")
+        for i in range(self.lst_feat.shape[0]):
+            if not 0 <= self.lst_feat[i] < self.n_feat:
+                raise ValueError("plan: listener out of range")
+        for i in range(self.any_feat.shape[0]):
+            if not 0 <= self.any_feat[i] < self.n_feat:
+                raise ValueError("plan: listener out of range")
+        for i in range(self.n_codes):
+            if not 0 <= self.lst_start[i] <= self.lst_start[i + 1] <= self.lst_feat.shape[0]:
+                raise ValueError("plan: listener index out of range")
+        for i in range(self.time_feats.shape[0]):
+            if not 0 <= self.time_feats[i] < self.n_feat:
+                raise ValueError("plan: time feature out of range")
+        for name in ("a_op", "a_f", "a_t0", "a_t1", "a_t2", "a_t3", "a_s", "a_k", "a_c"):
+            if getattr(self, "_len_" + name)() != self.n_atom:
+                raise ValueError(f"plan: {name} has the wrong length")
+        cdef int nt = self.t_kind.shape[0]
+        if self.t_a.shape[0] != nt or self.t_b.shape[0] != nt or self.t_v.shape[0] != nt:
+            raise ValueError("plan: term arrays differ in length")
+        for i in range(nt):
+            if self.t_kind[i] == T_FEAT and not 0 <= self.t_a[i] < self.n_feat:
+                raise ValueError("plan: term feature out of range")
+            if self.t_kind[i] == T_SCORE and not 0 <= self.t_a[i] < self.n_score:
+                raise ValueError("plan: term score out of range")
+        for a in range(self.n_atom):
+            k = self.a_kind[a]
+            if k in (A_COUNTK, A_ABANDON) and not 0 <= self.a_f[a] < self.n_feat:
+                raise ValueError("plan: atom feature out of range")
+            if k in (A_NUM, A_TIME):
+                if not (0 <= self.a_t0[a] <= self.a_t1[a] <= nt and
+                        0 <= self.a_t2[a] <= self.a_t3[a] <= nt):
+                    raise ValueError("plan: atom term range out of range")
+                if k == A_NUM and (self.a_t1[a] - self.a_t0[a] > STACK or
+                                   self.a_t3[a] - self.a_t2[a] > STACK):
+                    raise ValueError("plan: value expression too long")
+            if k == A_TRAIT and not 0 <= self.a_f[a] < self.n_trait:
+                raise ValueError("plan: trait bit out of range")
+            if k == A_IN and not 0 <= self.a_f[a] < self.n_seg:
+                raise ValueError("plan: segment reference out of range")
+        for i in range(self.time_atoms.shape[0]):
+            if not 0 <= self.time_atoms[i] < self.n_atom or \
+                    self.a_kind[self.time_atoms[i]] != A_TIME:
+                raise ValueError("plan: time atom out of range")
+        for p in range(self.n_seg):
+            if not 0 <= self.p_start[p] <= self.p_start[p + 1] <= self.p_op.shape[0]:
+                raise ValueError("plan: program range out of range")
+            depth = 0
+            for i in range(self.p_start[p], self.p_start[p + 1]):
+                if self.p_op[i] == P_ATOM:
+                    if not 0 <= self.p_arg[i] < self.n_atom:
+                        raise ValueError("plan: program atom out of range")
+                    if self.a_kind[self.p_arg[i]] == A_IN and self.a_f[self.p_arg[i]] >= p:
+                        raise ValueError("plan: segment refers to a later segment")
+                    depth += 1
+                elif self.p_op[i] in (P_AND, P_OR):
+                    depth -= 1
+                    if depth < 1:
+                        raise ValueError("plan: bad program")
+                elif self.p_op[i] == P_NOT:
+                    if depth < 1:
+                        raise ValueError("plan: bad program")
+                else:
+                    raise ValueError("plan: bad program op")
+                if depth > STACK:
+                    raise ValueError("plan: program too deep")
+            if depth != 1:
+                raise ValueError("plan: bad program")
+
+    def _len_f_event(self): return self.f_event.shape[0]
+    def _len_f_event2(self): return self.f_event2.shape[0]
+    def _len_f_filter(self): return self.f_filter.shape[0]
+    def _len_f_val(self): return self.f_val.shape[0]
+    def _len_f_key(self): return self.f_key.shape[0]
+    def _len_f_k(self): return self.f_k.shape[0]
+    def _len_f_ioff(self): return self.f_ioff.shape[0]
+    def _len_f_foff(self): return self.f_foff.shape[0]
+    def _len_f_var(self): return self.f_var.shape[0]
+    def _len_f_window(self): return self.f_window.shape[0]
+    def _len_a_op(self): return self.a_op.shape[0]
+    def _len_a_f(self): return self.a_f.shape[0]
+    def _len_a_t0(self): return self.a_t0.shape[0]
+    def _len_a_t1(self): return self.a_t1.shape[0]
+    def _len_a_t2(self): return self.a_t2.shape[0]
+    def _len_a_t3(self): return self.a_t3.shape[0]
+    def _len_a_s(self): return self.a_s.shape[0]
+    def _len_a_k(self): return self.a_k.shape[0]
+    def _len_a_c(self): return self.a_c.shape[0]
+
+    cdef int _isize(self, int f):
+        k = self.f_kind[f]
+        if k == K_TOPK:
+            return self.f_k[f]
+        if k in (K_COUNT, K_FIRST, K_LAST):
+            return 1
+        if k == K_STATS:
+            return 1
+        if k == K_ABANDON:
+            return 2
+        return 0
+
+    cdef int _fsize(self, int f):
+        return 3 if self.f_kind[f] == K_STATS else 0
+
+    # ------------------------------------------------------------------ storage
+    cdef void _alloc(self, int64_t cap) except *:
+        cdef int64_t old = self.n_users
+        cdef int64_t istride = max(self.istride, 1)
+        cdef int64_t fstride = max(self.fstride, 1)
+        cdef int64_t nseg = max(self.n_seg, 1)
+        cdef int64_t ntr = max(self.n_trait, 1)
+        cdef int64_t nsc = max(self.n_score, 1)
+        istate = np.zeros(cap * istride, dtype=np.int64)
+        fstate = np.zeros(cap * fstride, dtype=np.float64)
+        members = np.zeros(cap * nseg, dtype=np.uint8)
+        tbits = np.zeros(cap * ntr, dtype=np.uint8)
+        scores = np.full(cap * nsc, np.nan, dtype=np.float64)
+        bucket = np.zeros(cap, dtype=np.int32)
+        wake = np.full(cap, INT64_MAX, dtype=np.int64)
+        if self.cap:
+            istate[: old * istride] = self._istate[: old * istride]
+            fstate[: old * fstride] = self._fstate[: old * fstride]
+            members[: old * nseg] = self._members[: old * nseg]
+            tbits[: old * ntr] = self._tbits[: old * ntr]
+            scores[: old * nsc] = self._scores[: old * nsc]
+            bucket[:old] = self._bucket[:old]
+            wake[:old] = self._wake[:old]
+        self._istate, self._fstate, self._members = istate, fstate, members
+        self._tbits, self._scores, self._bucket, self._wake = tbits, scores, bucket, wake
+        cdef int64_t[::1] mi = istate
+        cdef double[::1] mf = fstate
+        cdef uint8_t[::1] mm = members
+        cdef uint8_t[::1] mt = tbits
+        cdef double[::1] ms = scores
+        cdef int32_t[::1] mb = bucket
+        cdef int64_t[::1] mw = wake
+        self.istate = &mi[0]
+        self.fstate = &mf[0]
+        self.members = &mm[0]
+        self.tbits = &mt[0]
+        self.scores = &ms[0]
+        self.bucket = &mb[0]
+        self.wake = &mw[0]
+        self.pools.resize(cap * self.n_var)
+        self.cap = cap
+
+    def add_users(self, int64_t n, const int32_t[::1] buckets not None):
+        """Create ``n`` users (dense indices n_users .. n_users+n-1) with the given buckets."""
+        cdef int64_t i, j, u
+        if n < 0 or buckets.shape[0] != n:
+            raise ValueError("add_users: n must equal len(buckets)")
+        if self.n_users + n >= (<int64_t>1 << 32):
+            raise ValueError("add_users: too many users")
+        if self.n_users + n > self.cap:
+            newcap = max(self.cap * 2, self.n_users + n, 16)
+            self._alloc(newcap)
+        for i in range(n):
+            u = self.n_users + i
+            for j in range(self.istride):
+                self.istate[u * self.istride + j] = self.irow_init[j]
+            for j in range(self.fstride):
+                self.fstate[u * self.fstride + j] = self.frow_init[j]
+            self.bucket[u] = buckets[i]
+        self.n_users += n
+
+    # ------------------------------------------------------------------ feature updates
+    cdef inline bint _in_window(self, int f, int64_t ts, int64_t t) noexcept nogil:
+        cdef int64_t w = self.f_window[f]
+        return w == 0 or ts > t - w
+
+    cdef void _apply(self, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp,
+                     const double* vp, const int64_t* kp) noexcept nogil:
+        cdef int32_t i
+        if 0 <= e < self.n_codes:
+            for i in range(self.lst_start[e], self.lst_start[e + 1]):
+                self._apply_one(self.lst_feat[i], u, e, ts, fp, vp, kp)
+        for i in range(self.any_feat.shape[0]):
+            self._apply_one(self.any_feat[i], u, e, ts, fp, vp, kp)
+
+    cdef void _apply_one(self, int f, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp,
+                         const double* vp, const int64_t* kp) noexcept nogil:
+        cdef int kind = self.f_kind[f]
+        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef double* fst
+        cdef int k, j, pos
+        cdef double v = NAN
+        cdef int64_t key = -1
+        cdef vector[Entry]* vec
+        cdef Entry ent
+        cdef size_t n, lo, hi, mid
+        if self.f_filter[f] >= 0 and not fp[self.f_filter[f]]:
+            return
+        if self.f_val[f] >= 0:
+            v = vp[self.f_val[f]]
+        if self.f_key[f] >= 0:
+            key = kp[self.f_key[f]]
+        if kind == K_TOPK:
+            if not self._in_window(f, ts, self.now):
+                return
+            k = self.f_k[f]
+            # slots sorted descending; an equal ts goes after the existing ones
+            pos = 0
+            while pos < k and ist[pos] >= ts:
+                pos += 1
+            if pos == k:
+                return
+            j = k - 1
+            while j > pos:
+                ist[j] = ist[j - 1]
+                j -= 1
+            ist[pos] = ts
+        elif kind == K_COUNT:
+            ist[0] += 1
+        elif kind == K_STATS:
+            if isnan(v):
+                return
+            fst = self.fstate + <int64_t>u * self.fstride + self.f_foff[f]
+            if ist[0] == 0:
+                fst[1] = v
+                fst[2] = v
+            else:
+                if v < fst[1]:
+                    fst[1] = v
+                if v > fst[2]:
+                    fst[2] = v
+            ist[0] += 1
+            fst[0] += v
+        elif kind == K_FIRST:
+            if ts < ist[0]:
+                ist[0] = ts
+        elif kind == K_LAST:
+            if ts > ist[0]:
+                ist[0] = ts
+        elif kind == K_WLIST:
+            if not self._in_window(f, ts, self.now):
+                return
+            if self.f_val[f] >= 0 and isnan(v):
+                return
+            if self.f_key[f] >= 0 and key < 0:
+                return
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            ent.ts = ts
+            ent.val = v
+            ent.key = key
+            ent.aux = 0
+            n = vec.size()
+            while n > 0 and vec[0][n - 1].ts > ts:
+                n -= 1
+            vec.insert(vec.begin() + n, ent)
+        elif kind == K_DISTINCT:
+            if key < 0:
+                return
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            lo = 0
+            hi = vec.size()
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if vec[0][mid].key < key:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < vec.size() and vec[0][lo].key == key:
+                return
+            ent.ts = ts
+            ent.val = 0
+            ent.key = key
+            ent.aux = 0
+            vec.insert(vec.begin() + lo, ent)
+        elif kind == K_ABANDON:
+            if e == self.f_event[f] and ts > ist[0]:
+                ist[0] = ts
+            if e == self.f_event2[f] and ts > ist[1]:
+                ist[1] = ts
+        elif kind == K_ABANDON_BY:
+            if key < 0:
+                return
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            n = vec.size()
+            for lo in range(n):
+                if vec[0][lo].key == key:
+                    break
+            else:
+                ent.ts = INT64_MIN     # latest A
+                ent.aux = INT64_MIN    # latest B
+                ent.key = key
+                ent.val = 0
+                vec.push_back(ent)
+                lo = n
+            if e == self.f_event[f] and ts > vec[0][lo].ts:
+                vec[0][lo].ts = ts
+            if e == self.f_event2[f] and ts > vec[0][lo].aux:
+                vec[0][lo].aux = ts
+
+    # ------------------------------------------------------------------ feature values
+    cdef void _prune(self, uint32_t u, int f, int64_t t) noexcept nogil:
+        # Drop window entries that can never count again (now only moves forward).
+        cdef vector[Entry]* vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+        cdef int64_t w = self.f_window[f]
+        cdef size_t i = 0
+        cdef size_t n = vec.size()
+        while i < n and vec[0][i].ts <= t - w:
+            i += 1
+        if i:
+            vec.erase(vec.begin(), vec.begin() + i)
+
+    cdef int64_t _topk_count(self, uint32_t u, int f, int64_t t) noexcept nogil:
+        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef int k = self.f_k[f]
+        cdef int64_t lim = t - self.f_window[f]
+        cdef int c = 0
+        while c < k and ist[c] > lim:
+            c += 1
+        return c
+
+    cdef bint _value(self, uint32_t u, int f, int fn, int64_t t, double* out) noexcept nogil:
+        """Feature value at time t; returns False when the value is missing."""
+        cdef int kind = self.f_kind[f]
+        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef double* fst = self.fstate + <int64_t>u * self.fstride + self.f_foff[f]
+        cdef vector[Entry]* vec
+        cdef size_t i, n
+        cdef double s, m
+        cdef int64_t c
+        if kind == K_COUNT:
+            out[0] = <double>ist[0]
+            return True
+        if kind == K_TOPK:
+            out[0] = <double>self._topk_count(u, f, t)
+            return True
+        if kind == K_STATS:
+            if fn == FN_COUNT:
+                out[0] = <double>ist[0]
+                return True
+            if fn == FN_SUM:
+                out[0] = fst[0]
+                return True
+            if ist[0] == 0:
+                return False
+            if fn == FN_AVG:
+                out[0] = fst[0] / <double>ist[0]
+            elif fn == FN_MIN:
+                out[0] = fst[1]
+            else:
+                out[0] = fst[2]
+            return True
+        if kind == K_FIRST:
+            if ist[0] == INT64_MAX:
+                return False
+            out[0] = <double>ist[0]
+            return True
+        if kind == K_LAST:
+            if ist[0] == INT64_MIN:
+                return False
+            out[0] = <double>ist[0]
+            return True
+        if kind == K_DISTINCT:
+            out[0] = <double>self.pools[<size_t>u * self.n_var + self.f_var[f]].size()
+            return True
+        if kind == K_WLIST:
+            self._prune(u, f, t)
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            n = vec.size()
+            if fn == FN_COUNT:
+                out[0] = <double>n
+                return True
+            if fn == FN_DISTINCT:
+                self.scratch.assign(vec.begin(), vec.end())
+                sort(self.scratch.begin(), self.scratch.end(), entry_key_less)
+                c = 0
+                for i in range(n):
+                    if i == 0 or self.scratch[i].key != self.scratch[i - 1].key:
+                        c += 1
+                out[0] = <double>c
+                return True
+            if fn == FN_SUM or fn == FN_AVG:
+                s = 0.0
+                for i in range(n):
+                    s += vec[0][i].val
+                if fn == FN_SUM:
+                    out[0] = s
+                    return True
+                if n == 0:
+                    return False
+                out[0] = s / <double>n
+                return True
+            if n == 0:
+                return False
+            m = vec[0][0].val
+            for i in range(1, n):
+                if fn == FN_MIN and vec[0][i].val < m:
+                    m = vec[0][i].val
+                elif fn == FN_MAX and vec[0][i].val > m:
+                    m = vec[0][i].val
+            out[0] = m
+            return True
+        return False
+
+    cdef bint _time_value(self, uint32_t u, int f, int64_t* out) noexcept nogil:
+        cdef int64_t v = self.istate[<int64_t>u * self.istride + self.f_ioff[f]]
+        if (self.f_kind[f] == K_FIRST and v == INT64_MAX) or \
+                (self.f_kind[f] == K_LAST and v == INT64_MIN):
+            return False
+        out[0] = v
+        return True
+
+    cdef int64_t _next_change(self, uint32_t u, int f, int64_t t) noexcept nogil:
+        """Next instant > t at which feature f's value can change without new events."""
+        cdef int kind = self.f_kind[f]
+        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef int64_t w = self.f_window[f]
+        cdef int64_t best = INT64_MAX
+        cdef int c
+        cdef vector[Entry]* vec
+        cdef size_t i
+        if kind == K_TOPK:
+            c = self._topk_count(u, f, t)
+            if c > 0:
+                return ist[c - 1] + w
+            return INT64_MAX
+        if kind == K_WLIST:
+            self._prune(u, f, t)
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            if vec.size():
+                return vec[0][0].ts + w
+            return INT64_MAX
+        if kind == K_ABANDON:
+            if ist[0] != INT64_MIN and ist[1] < ist[0] and ist[0] + w > t:
+                return ist[0] + w
+            return INT64_MAX
+        if kind == K_ABANDON_BY:
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            for i in range(vec.size()):
+                if vec[0][i].ts != INT64_MIN and vec[0][i].aux < vec[0][i].ts and \
+                        vec[0][i].ts + w > t and vec[0][i].ts + w < best:
+                    best = vec[0][i].ts + w
+            return best
+        return INT64_MAX
+
+    # ------------------------------------------------------------------ atoms
+    cdef bint _num_side(self, uint32_t u, int a, int b, int64_t t, double* out) noexcept nogil:
+        cdef double st[STACK]
+        cdef int sp = 0
+        cdef int i, k
+        cdef double v
+        for i in range(a, b):
+            k = self.t_kind[i]
+            if k == T_CONST:
+                st[sp] = self.t_v[i]
+                sp += 1
+            elif k == T_FEAT:
+                if not self._value(u, self.t_a[i], self.t_b[i], t, &v):
+                    return False
+                st[sp] = v
+                sp += 1
+            elif k == T_SCORE:
+                v = self.scores[<int64_t>u * max(self.n_score, 1) + self.t_a[i]]
+                if isnan(v):
+                    return False
+                st[sp] = v
+                sp += 1
+            elif k == T_ADD:
+                sp -= 1
+                st[sp - 1] = st[sp - 1] + st[sp]
+            elif k == T_SUB:
+                sp -= 1
+                st[sp - 1] = st[sp - 1] - st[sp]
+        out[0] = st[0]
+        return True
+
+    cdef bint _time_lin(self, uint32_t u, int a, int64_t* out) noexcept nogil:
+        """The now-free part A of an age test ``A + s*now op 0``; False if a term is missing."""
+        cdef int64_t acc = self.a_c[a]
+        cdef int64_t v
+        cdef int i
+        for i in range(self.a_t0[a], self.a_t1[a]):
+            if not self._time_value(u, self.t_a[i], &v):
+                return False
+            acc += v * self.t_b[i]
+        out[0] = acc
+        return True
+
+    cdef int64_t _time_next_flip(self, uint32_t u, int a, int64_t t) noexcept nogil:
+        cdef int64_t A, X
+        cdef int op = self.a_op[a]
+        if not self._time_lin(u, a, &A):
+            return INT64_MAX
+        # A + s*now op 0  <=>  now op' X
+        if self.a_s[a] == 1:
+            X = -A
+        else:
+            X = A
+            if op == OP_LT:
+                op = OP_GT
+            elif op == OP_LE:
+                op = OP_GE
+            elif op == OP_GT:
+                op = OP_LT
+            elif op == OP_GE:
+                op = OP_LE
+        if op == OP_LT or op == OP_GE:
+            return X if t < X else INT64_MAX
+        if op == OP_LE or op == OP_GT:
+            return X + 1 if t < X + 1 else INT64_MAX
+        # == and != flip at X and at X + 1
+        if t < X:
+            return X
+        if t < X + 1:
+            return X + 1
+        return INT64_MAX
+
+    cdef bint _atom(self, uint32_t u, int a, int64_t t) noexcept nogil:
+        cdef int kind = self.a_kind[a]
+        cdef int f = self.a_f[a]
+        cdef int64_t* ist
+        cdef double l, r
+        cdef int64_t A
+        cdef vector[Entry]* vec
+        cdef size_t i
+        if kind == A_CONST:
+            return self.a_k[a] != 0
+        if kind == A_COUNTK:
+            if self.f_kind[f] == K_TOPK:
+                l = <double>self._topk_count(u, f, t)
+            else:
+                self._value(u, f, FN_COUNT, t, &l)
+            return cmp_d(self.a_op[a], l, self.a_k[a])
+        if kind == A_NUM:
+            if not self._num_side(u, self.a_t0[a], self.a_t1[a], t, &l):
+                return False
+            if self.a_op[a] == OP_EXISTS:
+                return True
+            if not self._num_side(u, self.a_t2[a], self.a_t3[a], t, &r):
+                return False
+            return cmp_d(self.a_op[a], l, r)
+        if kind == A_TIME:
+            if not self._time_lin(u, a, &A):
+                return False
+            return cmp_i(self.a_op[a], A + self.a_s[a] * t, 0)
+        if kind == A_TRAIT:
+            return self.tbits[<int64_t>u * max(self.n_trait, 1) + f] != 0
+        if kind == A_BUCKET:
+            return self.a_t0[a] <= self.bucket[u] <= self.a_t1[a]
+        if kind == A_IN:
+            return self.members[<int64_t>u * max(self.n_seg, 1) + f] != 0
+        if kind == A_ABANDON:
+            ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+            if self.f_kind[f] == K_ABANDON:
+                return ist[0] != INT64_MIN and ist[1] < ist[0] and \
+                    ist[0] <= t - self.f_window[f]
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            for i in range(vec.size()):
+                if vec[0][i].ts != INT64_MIN and vec[0][i].aux < vec[0][i].ts and \
+                        vec[0][i].ts <= t - self.f_window[f]:
+                    return True
+            return False
+        return False
+
+    # ------------------------------------------------------------------ evaluation
+    cdef void _eval(self, uint32_t u, int64_t t) noexcept nogil:
+        cdef uint8_t st[STACK]
+        cdef int sp, s, i, op
+        cdef uint8_t* mem = self.members + <int64_t>u * max(self.n_seg, 1)
+        cdef uint8_t r
+        cdef int64_t w, nxt
+        for s in range(self.n_seg):
+            sp = 0
+            for i in range(self.p_start[s], self.p_start[s + 1]):
+                op = self.p_op[i]
+                if op == P_ATOM:
+                    st[sp] = self._atom(u, self.p_arg[i], t)
+                    sp += 1
+                elif op == P_AND:
+                    sp -= 1
+                    st[sp - 1] = st[sp - 1] and st[sp]
+                elif op == P_OR:
+                    sp -= 1
+                    st[sp - 1] = st[sp - 1] or st[sp]
+                else:
+                    st[sp - 1] = not st[sp - 1]
+            r = st[0]
+            if r != mem[s]:
+                mem[s] = r
+                self.tr_u.push_back(u)
+                self.tr_s.push_back(s)
+                self.tr_e.push_back(r)
+                self.tr_t.push_back(t)
+        # next wake-up
+        w = INT64_MAX
+        for i in range(self.time_feats.shape[0]):
+            nxt = self._next_change(u, self.time_feats[i], t)
+            if nxt < w:
+                w = nxt
+        for i in range(self.time_atoms.shape[0]):
+            nxt = self._time_next_flip(u, self.time_atoms[i], t)
+            if nxt < w:
+                w = nxt
+        if w != self.wake[u]:
+            self.wake[u] = w
+            if w != INT64_MAX:
+                self.heap.push_back(HeapItem(-w, -<int64_t>u))
+                push_heap(self.heap.begin(), self.heap.end())
+                if self.heap.size() > 2 * <size_t>self.n_users + 1024:
+                    self._rebuild_heap()
+
+    cdef void _rebuild_heap(self) noexcept nogil:
+        cdef int64_t u
+        self.heap.clear()
+        for u in range(self.n_users):
+            if self.wake[u] != INT64_MAX:
+                self.heap.push_back(HeapItem(-self.wake[u], -u))
+        make_heap(self.heap.begin(), self.heap.end())
+
+    cdef void _advance(self, int64_t t) noexcept nogil:
+        cdef int64_t tt
+        cdef uint32_t u
+        while self.heap.size():
+            tt = -self.heap.front().first
+            if tt > t:
+                break
+            u = <uint32_t>(-self.heap.front().second)
+            pop_heap(self.heap.begin(), self.heap.end())
+            self.heap.pop_back()
+            if self.wake[u] != tt:
+                continue
+            self.wake[u] = INT64_MAX
+            if tt > self.now:
+                self.now = tt
+            self._eval(u, tt)
+        if t > self.now:
+            self.now = t
+
+    # ------------------------------------------------------------------ public
+    def track(self, const uint32_t[::1] uidx not None, const int32_t[::1] ecode not None,
+              const int64_t[::1] ts not None, const uint8_t[::1] fpass not None,
+              const double[::1] vals not None, const int64_t[::1] keys not None):
+        """Apply events in order (row-major ``fpass``/``vals``/``keys`` with n_filter/n_val/
+        n_key columns). Returns the number of transitions now buffered."""
+        cdef Py_ssize_t n = uidx.shape[0]
+        cdef Py_ssize_t i
+        cdef int nf = self.n_filter, nv = self.n_val, nk = self.n_key
+        cdef const uint8_t* fp = NULL
+        cdef const double* vp = NULL
+        cdef const int64_t* kp = NULL
+        if ecode.shape[0] != n or ts.shape[0] != n:
+            raise ValueError("track: columns differ in length")
+        if fpass.shape[0] != n * nf or vals.shape[0] != n * nv or keys.shape[0] != n * nk:
+            raise ValueError("track: property columns have the wrong size")
+        for i in range(n):
+            if uidx[i] >= self.n_users:
+                raise ValueError(f"track: user index {uidx[i]} out of range")
+            if ts[i] < 0 or ts[i] >= (<int64_t>1 << 48):
+                raise ValueError(f"track: ts {ts[i]} out of range")
+            if ecode[i] < 0:
+                raise ValueError("track: negative event code")
+        with nogil:
+            for i in range(n):
+                if ts[i] > self.now:
+                    self._advance(ts[i])
+                if nf:
+                    fp = &fpass[i * nf]
+                if nv:
+                    vp = &vals[i * nv]
+                if nk:
+                    kp = &keys[i * nk]
+                self._apply(uidx[i], ecode[i], ts[i], fp, vp, kp)
+                self._eval(uidx[i], self.now)
+        return self.tr_u.size()
+
+    def advance(self, int64_t t):
+        """Move time to ``t`` (no-op if not later than now), firing every due timer in order."""
+        if t >= (<int64_t>1 << 48):
+            raise ValueError("advance: time out of range")
+        with nogil:
+            self._advance(t)
+        return self.tr_u.size()
+
+    def eval_users(self, const uint32_t[::1] uidx not None):
+        """Re-evaluate the given users at ``now`` (after traits or scores changed)."""
+        cdef Py_ssize_t i
+        for i in range(uidx.shape[0]):
+            if uidx[i] >= self.n_users:
+                raise ValueError("eval_users: user index out of range")
+        with nogil:
+            for i in range(uidx.shape[0]):
+                self._eval(uidx[i], self.now)
+        return self.tr_u.size()
+
+    def eval_all(self):
+        """Re-evaluate every user at ``now`` and rebuild the timer heap."""
+        cdef int64_t u
+        with nogil:
+            for u in range(self.n_users):
+                self.wake[u] = INT64_MAX - 1   # force re-push
+                self._eval(<uint32_t>u, self.now)
+            self._rebuild_heap()
+        return self.tr_u.size()
+
+    def set_trait_bits(self, const uint32_t[::1] uidx not None,
+                       const uint8_t[::1] bits not None):
+        cdef Py_ssize_t i, j
+        cdef int nt = self.n_trait
+        if bits.shape[0] != uidx.shape[0] * nt:
+            raise ValueError("set_trait_bits: wrong size")
+        for i in range(uidx.shape[0]):
+            if uidx[i] >= self.n_users:
+                raise ValueError("set_trait_bits: user index out of range")
+        for i in range(uidx.shape[0]):
+            for j in range(nt):
+                self.tbits[<int64_t>uidx[i] * nt + j] = bits[i * nt + j]
+
+    def set_scores(self, const uint32_t[::1] uidx not None, const double[::1] values not None):
+        """Set every score of the given users (row-major, n_score columns, NaN = missing)."""
+        cdef Py_ssize_t i, j
+        cdef int ns = self.n_score
+        if values.shape[0] != uidx.shape[0] * ns:
+            raise ValueError("set_scores: wrong size")
+        for i in range(uidx.shape[0]):
+            if uidx[i] >= self.n_users:
+                raise ValueError("set_scores: user index out of range")
+        for i in range(uidx.shape[0]):
+            for j in range(ns):
+                self.scores[<int64_t>uidx[i] * ns + j] = values[i * ns + j]
+
+    def set_now(self, int64_t t):
+        if t < self.now:
+            raise ValueError("set_now: time cannot move backwards")
+        self.now = t
+
+    def take_transitions(self):
+        """Drain the transition buffer: (user idx uint32, segment int32, entered bool, ts int64)."""
+        cdef Py_ssize_t n = self.tr_u.size()
+        cdef Py_ssize_t i
+        u = np.empty(n, dtype=np.uint32)
+        s = np.empty(n, dtype=np.int32)
+        e = np.empty(n, dtype=np.bool_)
+        t = np.empty(n, dtype=np.int64)
+        cdef uint32_t[::1] mu = u
+        cdef int32_t[::1] ms = s
+        cdef uint8_t[::1] me = e.view(np.uint8)
+        cdef int64_t[::1] mt = t
+        for i in range(n):
+            mu[i] = self.tr_u[i]
+            ms[i] = self.tr_s[i]
+            me[i] = self.tr_e[i]
+            mt[i] = self.tr_t[i]
+        self.tr_u.clear()
+        self.tr_s.clear()
+        self.tr_e.clear()
+        self.tr_t.clear()
+        return u, s, e, t
+
+    def member_row(self, uint32_t u):
+        """Membership flags of user ``u`` in segment (plan) order."""
+        if u >= self.n_users:
+            raise ValueError("member_row: user index out of range")
+        cdef int64_t ns = max(self.n_seg, 1)
+        return self._members[u * ns: u * ns + self.n_seg].astype(bool)
+
+    def migrate_from(self, Kernel old not None, const int32_t[::1] fmap not None,
+                     const int32_t[::1] smap not None):
+        """Take over users, time and the state of features/segments that survive a plan change.
+
+        ``fmap[f]`` is the old feature index for new feature ``f`` (or -1: starts empty);
+        ``smap[s]`` likewise for segments. The old kernel is left empty.
+        """
+        cdef int64_t u, j, n = old.n_users
+        cdef int f, fo, s, so, k
+        if fmap.shape[0] != self.n_feat or smap.shape[0] != self.n_seg:
+            raise ValueError("migrate_from: map sizes do not match the plan")
+        for f in range(self.n_feat):
+            fo = fmap[f]
+            if fo < 0:
+                continue
+            if fo >= old.n_feat or old.f_kind[fo] != self.f_kind[f] or \
+                    (self.f_kind[f] == K_TOPK and old.f_k[fo] < self.f_k[f]):
+                raise ValueError("migrate_from: incompatible feature map")
+        for s in range(self.n_seg):
+            if smap[s] >= old.n_seg:
+                raise ValueError("migrate_from: segment map out of range")
+        if self.n_users:
+            raise ValueError("migrate_from: target kernel is not empty")
+        self.add_users(n, np.ascontiguousarray(old._bucket[:n]))
+        self.now = old.now
+        for u in range(n):
+            for f in range(self.n_feat):
+                fo = fmap[f]
+                if fo < 0:
+                    continue
+                k = self._isize(f)
+                for j in range(k):
+                    self.istate[u * self.istride + self.f_ioff[f] + j] = \
+                        old.istate[u * old.istride + old.f_ioff[fo] + j]
+                for j in range(self._fsize(f)):
+                    self.fstate[u * self.fstride + self.f_foff[f] + j] = \
+                        old.fstate[u * old.fstride + old.f_foff[fo] + j]
+                if self.f_var[f] >= 0:
+                    self.pools[<size_t>u * self.n_var + self.f_var[f]].swap(
+                        old.pools[<size_t>u * old.n_var + old.f_var[fo]])
+            for s in range(self.n_seg):
+                so = smap[s]
+                if so >= 0:
+                    self.members[u * max(self.n_seg, 1) + s] = \
+                        old.members[u * max(old.n_seg, 1) + so]
+
+    def stats(self):
+        cdef size_t pooled = 0
+        cdef size_t i
+        for i in range(self.pools.size()):
+            pooled += self.pools[i].capacity() * sizeof(Entry) + sizeof(vector[Entry])
+        arrays = (self._istate.nbytes + self._fstate.nbytes + self._members.nbytes +
+                  self._tbits.nbytes + self._scores.nbytes + self._bucket.nbytes +
+                  self._wake.nbytes)
+        return {
+            "users": self.n_users,
+            "capacity": self.cap,
+            "timers": int(np.count_nonzero(self._wake[: self.n_users] != INT64_MAX)),
+            "heap_entries": self.heap.size(),
+            "memory_bytes": int(arrays + pooled + self.heap.capacity() * sizeof(HeapItem)),
+        }

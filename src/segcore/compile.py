@@ -1,0 +1,421 @@
+"""Compile a set of segments into the flat plan the kernel runs.
+
+Compile once, run many: name resolution, dependency order, counter sharing, interning and the
+choice of state per aggregate happen here, once, whenever the segments change. The kernel then
+sees only integers, floats and arrays.
+
+State chosen per aggregate (all exact):
+
+* ``count(E, W) op k`` against a constant keeps only the ``K`` latest timestamps
+  (``K = ceil(k)`` for ``>=``/``<``, ``floor(k) + 1`` otherwise): the count in the window, capped
+  at ``K``, decides the comparison. One such counter serves every segment that uses the same
+  ``(E, where, W)`` with the largest ``K`` any of them needs.
+* all-time ``count/sum/avg/min/max`` keep running totals; all-time ``distinct`` keeps the set of
+  values; ``first/last/first_seen/last_seen`` keep one timestamp.
+* any other windowed aggregate keeps the matching events of the window (timestamp and value).
+* ``abandoned`` keeps the latest A and B timestamps (per key for ``by KEY``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import msgspec
+import numpy as np
+
+from . import rules as R
+from .errors import RuleError
+
+__all__ = ["Plan", "compile_segments", "FeatureSpec"]
+
+# feature kinds (mirrored in _kernel.pyx)
+K_TOPK, K_COUNT, K_STATS, K_FIRST, K_LAST, K_WLIST, K_DISTINCT, K_ABANDON, K_ABANDON_BY = \
+    range(1, 10)
+TIME_KINDS = (K_TOPK, K_WLIST, K_ABANDON, K_ABANDON_BY)
+VAR_KINDS = (K_WLIST, K_DISTINCT, K_ABANDON_BY)
+# atoms
+A_CONST, A_COUNTK, A_NUM, A_TIME, A_TRAIT, A_BUCKET, A_IN, A_ABANDON = range(8)
+OPS = {"==": 0, "!=": 1, "<": 2, "<=": 3, ">": 4, ">=": 5, "exists": 6}
+MIRROR = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+T_CONST, T_FEAT, T_SCORE, T_ADD, T_SUB = range(5)
+FN = {"count": 0, "sum": 1, "avg": 2, "min": 3, "max": 4, "distinct": 5, "ts": 6}
+P_ATOM, P_AND, P_OR, P_NOT = range(4)
+ANY = -1
+#: Largest K kept for a windowed count compared with a constant; above it the window's
+#: events are kept instead (still exact).
+MAX_TOPK = 4096
+
+
+class FeatureSpec(msgspec.Struct, frozen=True):
+    kind: int
+    event: str | None          # None = any event
+    event2: str | None = None  # B of abandoned
+    where: bytes | None = None  # JSON of the where-AST
+    val: str | None = None     # numeric property
+    key: str | None = None     # property used as a key (distinct, abandoned by)
+    window_ms: int = 0         # 0 = all time; for abandoned, T
+
+    @property
+    def events(self) -> tuple:
+        return tuple(e for e in (self.event, self.event2) if e is not None) \
+            if self.event is not None else (None,)
+
+
+class Plan:
+    """A compiled set of segments: the kernel arrays plus what the engine must feed them."""
+
+    def __init__(self):
+        self.names: list[str] = []            # segments in evaluation (kernel) order
+        self.asts: dict[str, R.Cond] = {}
+        self.features: list[FeatureSpec] = []
+        self.feature_k: list[int] = []
+        self.filters: list[R.Cond] = []
+        self.val_props: list[str] = []
+        self.key_props: list[str] = []
+        self.numeric: set[tuple[str, str]] = set()   # (event type, prop) that must be numeric
+        self.trait_tests: list[R.Cond] = []
+        self.score_names: list[str] = []
+        self.arrays: dict = {}
+
+    def feature_index(self, spec: FeatureSpec) -> int | None:
+        try:
+            return self.features.index(spec)
+        except ValueError:
+            return None
+
+
+class _Builder:
+    def __init__(self, event_code: Callable[[str], int]):
+        self.plan = Plan()
+        self.event_code = event_code
+        self._filters: dict[bytes, int] = {}
+        self._traits: dict[bytes, int] = {}
+        self._atoms: dict[tuple, int] = {}
+        self.atoms: list[list] = []   # [kind, op, f, t0, t1, t2, t3, s, k, c]
+        self.terms: list[tuple] = []  # (kind, a, b, v)
+        self.seg_index: dict[str, int] = {}
+
+    # ---- interning
+    def filter_id(self, where) -> tuple[int, bytes | None]:
+        if where is None:
+            return -1, None
+        key = R.to_json(where)
+        if key not in self._filters:
+            self._filters[key] = len(self.plan.filters)
+            self.plan.filters.append(where)
+        return self._filters[key], key
+
+    def feature(self, spec: FeatureSpec, k: int = 0) -> int:
+        p = self.plan
+        for e in spec.events:
+            if e is not None:
+                self.event_code(e)
+        i = p.feature_index(spec)
+        if i is None:
+            i = len(p.features)
+            p.features.append(spec)
+            p.feature_k.append(k)
+        elif k > p.feature_k[i]:
+            p.feature_k[i] = k
+        if spec.val is not None:
+            if spec.val not in p.val_props:
+                p.val_props.append(spec.val)
+            p.numeric.add((spec.event, spec.val))
+        if spec.key is not None and spec.key not in p.key_props:
+            p.key_props.append(spec.key)
+        return i
+
+    def atom(self, kind, op=0, f=-1, t0=0, t1=0, t2=0, t3=0, s=0, k=0.0, c=0, key=None) -> int:
+        akey = (kind, op, f, t0, t1, t2, t3, s, k, c) if key is None else key
+        if akey in self._atoms:
+            return self._atoms[akey]
+        self.atoms.append([kind, op, f, t0, t1, t2, t3, s, k, c])
+        self._atoms[akey] = len(self.atoms) - 1
+        return len(self.atoms) - 1
+
+    # ---- conditions -> postfix program
+    def cond(self, c, prog: list) -> None:
+        if isinstance(c, (R.And, R.Or)):
+            op = P_AND if isinstance(c, R.And) else P_OR
+            for i, it in enumerate(c.items):
+                self.cond(it, prog)
+                if i:
+                    prog.append((op, 0))
+        elif isinstance(c, R.Not):
+            self.cond(c.item, prog)
+            prog.append((P_NOT, 0))
+        elif isinstance(c, R.Seen):
+            f = self.feature(FeatureSpec(K_COUNT, None))
+            prog.append((P_ATOM, self.atom(A_COUNTK, OPS[">="], f, k=1.0)))
+        elif isinstance(c, R.InSegment):
+            prog.append((P_ATOM, self.atom(A_IN, f=self.seg_index[c.name])))
+        elif isinstance(c, R.Bucket):
+            prog.append((P_ATOM, self.atom(A_BUCKET, t0=c.lo, t1=c.hi)))
+        elif isinstance(c, R.Inactive):
+            f = self.feature(FeatureSpec(K_TOPK, None, window_ms=c.window_ms), 1)
+            prog.append((P_ATOM, self.atom(A_COUNTK, OPS[">="], f, k=1.0)))
+            prog.append((P_NOT, 0))
+        elif isinstance(c, R.Abandoned):
+            if c.by is None:
+                spec = FeatureSpec(K_ABANDON, c.a, c.b, window_ms=c.within_ms)
+            else:
+                spec = FeatureSpec(K_ABANDON_BY, c.a, c.b, key=c.by, window_ms=c.within_ms)
+            prog.append((P_ATOM, self.atom(A_ABANDON, f=self.feature(spec))))
+        elif any(isinstance(n, R.Trait) for n in R._walk(c, into_where=False)):
+            key = R.to_json(c)
+            if key not in self._traits:
+                self._traits[key] = len(self.plan.trait_tests)
+                self.plan.trait_tests.append(c)
+            prog.append((P_ATOM, self.atom(A_TRAIT, f=self._traits[key])))
+        elif isinstance(c, R.Between):
+            self.cond(R.And((R.Compare("<=", c.low, c.value),
+                             R.Compare("<=", c.value, c.high))), prog)
+        elif isinstance(c, R.InList):
+            eqs = [R.Compare("==", c.value, R.Str(x) if isinstance(x, str) else R.Num(x))
+                   for x in c.items]
+            anyeq = None if not eqs else (eqs[0] if len(eqs) == 1 else R.Or(tuple(eqs)))
+            if not c.negated:
+                if anyeq is None:
+                    prog.append((P_ATOM, self.atom(A_CONST, k=0.0)))
+                else:
+                    self.cond(anyeq, prog)
+            else:
+                self.cond(R.Exists(c.value), prog)
+                if anyeq is not None:
+                    self.cond(R.Not(anyeq), prog)
+                    prog.append((P_AND, 0))
+        elif isinstance(c, R.StrTest):
+            # only scores get here (traits are evaluated in Python): never strings
+            prog.append((P_ATOM, self.atom(A_CONST, k=0.0)))
+        elif isinstance(c, R.Exists):
+            t0, t1 = self.side(c.value)
+            prog.append((P_ATOM, self.atom(A_NUM, OPS["exists"], t0=t0, t1=t1)))
+        elif isinstance(c, R.Compare):
+            prog.append((P_ATOM, self.compare(c)))
+        else:  # pragma: no cover - validate() rejects everything else
+            raise RuleError(f"cannot compile `{type(c).__name__}`")
+
+    def compare(self, c: R.Compare) -> int:
+        nodes = [n for n in R._walk(c, into_where=False)]
+        if any(isinstance(n, R.Now) for n in nodes):
+            return self.time_atom(c)
+        if any(isinstance(n, R.Str) for n in nodes):
+            return self.atom(A_CONST, k=0.0)   # a number never equals a string
+        op, left, right = c.op, c.left, c.right
+        if isinstance(left, (R.Num, R.Dur)) and isinstance(right, R.Agg):
+            op, left, right = MIRROR[op], right, left
+        if isinstance(left, R.Agg) and left.fn == "count" and isinstance(right, (R.Num, R.Dur)):
+            k = right.value if isinstance(right, R.Num) else right.ms
+            need = math.ceil(k) if op in (">=", "<") else math.floor(k) + 1
+            need = max(1, need)
+            fid, fkey = self.filter_id(left.where)
+            if left.window_ms is None:
+                f = self.feature(FeatureSpec(K_COUNT, left.event, where=fkey))
+                return self.atom(A_COUNTK, OPS[op], f, k=float(k))
+            if need <= MAX_TOPK:
+                f = self.feature(FeatureSpec(K_TOPK, left.event, where=fkey,
+                                             window_ms=left.window_ms), need)
+                return self.atom(A_COUNTK, OPS[op], f, k=float(k))
+        t0, t1 = self.side(c.left)
+        t2, t3 = self.side(c.right)
+        return self.atom(A_NUM, OPS[c.op], t0=t0, t1=t1, t2=t2, t3=t3)
+
+    def side(self, v) -> tuple[int, int]:
+        start = len(self.terms)
+        self.value(v)
+        if len(self.terms) - start > 64:
+            raise RuleError("value expression is too long (at most 64 terms)")
+        return start, len(self.terms)
+
+    def value(self, v) -> None:
+        if isinstance(v, R.Num):
+            self.terms.append((T_CONST, 0, 0, float(v.value)))
+        elif isinstance(v, R.Dur):
+            self.terms.append((T_CONST, 0, 0, float(v.ms)))
+        elif isinstance(v, R.Score):
+            if v.name not in self.plan.score_names:
+                self.plan.score_names.append(v.name)
+            self.terms.append((T_SCORE, self.plan.score_names.index(v.name), 0, 0.0))
+        elif isinstance(v, R.Arith):
+            self.value(v.left)
+            self.value(v.right)
+            self.terms.append((T_ADD if v.op == "+" else T_SUB, 0, 0, 0.0))
+        elif isinstance(v, (R.FirstSeen, R.LastSeen, R.First, R.Last)):
+            self.terms.append((T_FEAT, self.time_feature(v), FN["ts"], 0.0))
+        elif isinstance(v, R.Agg):
+            self.terms.append((T_FEAT, self.agg_feature(v), FN[v.fn], 0.0))
+        else:  # pragma: no cover
+            raise RuleError(f"cannot compile value `{type(v).__name__}`")
+
+    def time_feature(self, v) -> int:
+        if isinstance(v, R.FirstSeen):
+            return self.feature(FeatureSpec(K_FIRST, None))
+        if isinstance(v, R.LastSeen):
+            return self.feature(FeatureSpec(K_LAST, None))
+        kind = K_FIRST if isinstance(v, R.First) else K_LAST
+        return self.feature(FeatureSpec(kind, v.event))
+
+    def agg_feature(self, a: R.Agg) -> int:
+        _, fkey = self.filter_id(a.where)
+        self.filter_id(a.where)
+        if a.window_ms is None:
+            if a.fn == "count":
+                return self.feature(FeatureSpec(K_COUNT, a.event, where=fkey))
+            if a.fn == "distinct":
+                return self.feature(FeatureSpec(K_DISTINCT, a.event, where=fkey, key=a.prop))
+            return self.feature(FeatureSpec(K_STATS, a.event, where=fkey, val=a.prop))
+        if a.fn == "count":
+            return self.feature(FeatureSpec(K_WLIST, a.event, where=fkey,
+                                            window_ms=a.window_ms))
+        if a.fn == "distinct":
+            return self.feature(FeatureSpec(K_WLIST, a.event, where=fkey, key=a.prop,
+                                            window_ms=a.window_ms))
+        return self.feature(FeatureSpec(K_WLIST, a.event, where=fkey, val=a.prop,
+                                        window_ms=a.window_ms))
+
+    def time_atom(self, c: R.Compare) -> int:
+        terms: list = []
+        R._linear_terms(c.left, 1, terms)
+        R._linear_terms(c.right, -1, terms)
+        s = 0
+        const = 0
+        lin: dict[int, int] = {}
+        for sign, t in terms:
+            if isinstance(t, R.Now):
+                s += sign
+            elif isinstance(t, R.Num):
+                const += sign * int(t.value)
+            elif isinstance(t, R.Dur):
+                const += sign * t.ms
+            else:
+                f = self.time_feature(t)
+                lin[f] = lin.get(f, 0) + sign
+        t0 = len(self.terms)
+        for f, coef in lin.items():
+            if coef:
+                self.terms.append((T_FEAT, f, coef, 0.0))
+        t1 = len(self.terms)
+        key = ("time", c.op, s, const, tuple(sorted(lin.items())))
+        return self.atom(A_TIME, OPS[c.op], t0=t0, t1=t1, s=s, c=const, key=key)
+
+
+def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int]) -> Plan:
+    """Compile segments (name -> AST, in definition order) into a :class:`Plan`.
+
+    ``event_code(name)`` interns an event type and returns its code; it is called for every
+    event type the rules mention, so the listener table covers them.
+    """
+    deps = {name: R.references(ast) for name, ast in asts.items()}
+    for name, refs in deps.items():
+        for r in refs:
+            if r not in asts:
+                raise RuleError(f"unknown segment `{r}`{R._suggest(r, asts)}", segment=name)
+    order = R.topo_order(deps)
+    b = _Builder(event_code)
+    b.seg_index = {name: i for i, name in enumerate(order)}
+    progs = []
+    for name in order:
+        prog: list = []
+        b.cond(asts[name], prog)
+        progs.append(prog)
+    p = b.plan
+    p.names = order
+    p.asts = dict(asts)
+    _layout(p, b, progs, event_code)
+    return p
+
+
+def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
+    n_feat = len(p.features)
+    ioff, foff = 0, 0
+    f_ioff, f_foff, f_var = [], [], []
+    irow, frow = [], []
+    n_var = 0
+    for spec, k in zip(p.features, p.feature_k):
+        f_ioff.append(ioff)
+        f_foff.append(foff)
+        if spec.kind == K_TOPK:
+            irow += [np.iinfo(np.int64).min] * k
+            ioff += k
+        elif spec.kind in (K_COUNT, K_STATS):
+            irow.append(0)
+            ioff += 1
+        elif spec.kind == K_FIRST:
+            irow.append(np.iinfo(np.int64).max)
+            ioff += 1
+        elif spec.kind == K_LAST:
+            irow.append(np.iinfo(np.int64).min)
+            ioff += 1
+        elif spec.kind == K_ABANDON:
+            irow += [np.iinfo(np.int64).min] * 2
+            ioff += 2
+        if spec.kind == K_STATS:
+            frow += [0.0, 0.0, 0.0]
+            foff += 3
+        if spec.kind in VAR_KINDS:
+            f_var.append(n_var)
+            n_var += 1
+        else:
+            f_var.append(-1)
+    codes = {}
+    for i, spec in enumerate(p.features):
+        for e in spec.events:
+            c = ANY if e is None else event_code(e)
+            codes.setdefault(c, [])
+            if i not in codes[c]:
+                codes[c].append(i)
+    n_codes = max([c for c in codes if c >= 0], default=-1) + 1
+    lst_start, lst_feat = [0], []
+    for c in range(n_codes):
+        lst_feat += codes.get(c, [])
+        lst_start.append(len(lst_feat))
+    atoms = b.atoms or [[A_CONST, 0, -1, 0, 0, 0, 0, 0, 0.0, 0]]
+    p_start, p_op, p_arg = [0], [], []
+    for prog in progs:
+        for op, arg in prog:
+            p_op.append(op)
+            p_arg.append(arg)
+        p_start.append(len(p_op))
+    fidx = {name: i for i, name in enumerate(p.filters)}
+    del fidx
+    filt = {R.to_json(w): i for i, w in enumerate(p.filters)}
+    terms = b.terms
+    p.arrays = dict(
+        f_kind=[s.kind for s in p.features],
+        f_event=[ANY if s.event is None else event_code(s.event) for s in p.features],
+        f_event2=[ANY if s.event2 is None else event_code(s.event2) for s in p.features],
+        f_filter=[-1 if s.where is None else filt[s.where] for s in p.features],
+        f_val=[-1 if s.val is None else p.val_props.index(s.val) for s in p.features],
+        f_key=[-1 if s.key is None else p.key_props.index(s.key) for s in p.features],
+        f_k=p.feature_k,
+        f_ioff=f_ioff, f_foff=f_foff, f_var=f_var,
+        f_window=[s.window_ms for s in p.features],
+        lst_start=lst_start, lst_feat=lst_feat, any_feat=codes.get(ANY, []),
+        time_feats=[i for i, s in enumerate(p.features) if s.kind in TIME_KINDS],
+        a_kind=[a[0] for a in atoms], a_op=[a[1] for a in atoms], a_f=[a[2] for a in atoms],
+        a_t0=[a[3] for a in atoms], a_t1=[a[4] for a in atoms], a_t2=[a[5] for a in atoms],
+        a_t3=[a[6] for a in atoms], a_s=[a[7] for a in atoms], a_k=[a[8] for a in atoms],
+        a_c=[a[9] for a in atoms],
+        time_atoms=[i for i, a in enumerate(atoms) if a[0] == A_TIME],
+        t_kind=[t[0] for t in terms], t_a=[t[1] for t in terms], t_b=[t[2] for t in terms],
+        t_v=[t[3] for t in terms],
+        p_start=p_start, p_op=p_op, p_arg=p_arg,
+        istride=ioff, fstride=foff, n_var=n_var, n_trait=len(p.trait_tests),
+        n_score=len(p.score_names), n_filter=len(p.filters), n_val=len(p.val_props),
+        n_key=len(p.key_props),
+        irow_init=np.array(irow, dtype=np.int64), frow_init=np.array(frow, dtype=np.float64),
+    )
+    assert n_feat == len(p.arrays["f_kind"])
+
+
+def feature_map(new: Plan, old: Plan | None) -> np.ndarray:
+    """For each feature of ``new``, the index of the same feature in ``old`` (or -1)."""
+    out = np.full(len(new.features), -1, dtype=np.int32)
+    if old is None:
+        return out
+    for i, (spec, k) in enumerate(zip(new.features, new.feature_k)):
+        j = old.feature_index(spec)
+        if j is not None and (spec.kind != K_TOPK or old.feature_k[j] >= k):
+            out[i] = j
+    return out

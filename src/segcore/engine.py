@@ -1,0 +1,1304 @@
+"""The public engine: validation, ids, interning, callbacks and bitmaps around the kernel.
+
+A story in four calls:
+
+>>> import segcore
+>>> eng = segcore.Engine()
+>>> _ = eng.add_segment("frequent_buyers", "count(purchase, 90d) >= 3")
+>>> day = 86_400_000
+>>> for d in (1, 2, 3):
+...     t = eng.track(42, "purchase", ts=d * day, props={"amount": 20.0})
+>>> t
+[Transition(user=42, segment='frequent_buyers', entered=True, ts=259200000)]
+>>> list(eng.advance(100 * day))   # 90 days after the first of the three, one is gone
+[Transition(user=42, segment='frequent_buyers', entered=False, ts=7862400000)]
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
+
+import msgspec
+import numpy as np
+from pyroaring import BitMap, FrozenBitMap
+
+from . import rules as R
+from ._kernel import Kernel
+from .compile import Plan, compile_segments, feature_map
+from .errors import EventError, RuleError, SegcoreError
+from .hashing import bucket_of, buckets_of_ints
+
+__all__ = ["Engine", "Transition", "Transitions"]
+
+log = logging.getLogger("segcore")
+
+UserId = Union[int, str]
+_U32 = 1 << 32
+_MAX_TS = R.MAX_TIME_MS
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+class Transition(msgspec.Struct, frozen=True):
+    """One change of membership: ``user`` entered (or left) ``segment`` at ``ts`` (ms)."""
+    user: Union[int, str]
+    segment: str
+    entered: bool
+    ts: int
+
+
+class Transitions:
+    """A batch of transitions as numpy columns, iterable as :class:`Transition`.
+
+    Columns: ``user`` (uint32 public user numbers), ``segment`` (int32 index into
+    ``segment_names``), ``entered`` (bool), ``ts`` (int64 ms). ``duplicates`` holds the row
+    indices of the input that were ignored as repeated message ids.
+    """
+
+    __slots__ = ("user", "segment", "entered", "ts", "segment_names", "duplicates",
+                 "_strs")
+
+    def __init__(self, user, segment, entered, ts, segment_names, strs, duplicates=None):
+        self.user = user
+        self.segment = segment
+        self.entered = entered
+        self.ts = ts
+        self.segment_names = segment_names
+        self._strs = strs
+        self.duplicates = (np.zeros(0, dtype=np.int64) if duplicates is None
+                           else duplicates)
+
+    @classmethod
+    def empty(cls, names=()) -> "Transitions":
+        return cls(np.zeros(0, np.uint32), np.zeros(0, np.int32), np.zeros(0, bool),
+                   np.zeros(0, np.int64), tuple(names), {})
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def _item(self, i: int) -> Transition:
+        num = int(self.user[i])
+        return Transition(self._strs.get(num, num), self.segment_names[self.segment[i]],
+                          bool(self.entered[i]), int(self.ts[i]))
+
+    def __getitem__(self, i: int) -> Transition:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("transition index out of range")
+        return self._item(i % n if n else i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self._item(i)
+
+    def to_list(self) -> list[Transition]:
+        return list(self)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Transitions, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(t) for t in list(self)[:3])
+        more = f", … {len(self) - 3} more" if len(self) > 3 else ""
+        return f"Transitions([{head}{more}])"
+
+    @staticmethod
+    def concat(parts: list["Transitions"], names) -> "Transitions":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Transitions.empty(names)
+        if len(parts) == 1:
+            return parts[0]
+        # Re-index segments by name: parts may come from different plans.
+        names = tuple(names)
+        seg = []
+        for p in parts:
+            remap = np.array([names.index(n) if n in names else -1
+                              for n in p.segment_names], dtype=np.int32)
+            seg.append(remap[p.segment])
+        return Transitions(np.concatenate([p.user for p in parts]), np.concatenate(seg),
+                           np.concatenate([p.entered for p in parts]),
+                           np.concatenate([p.ts for p in parts]), names, parts[0]._strs)
+
+
+def _to_ms(value, field: str = "ts", index: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise EventError(f"`{field}` must be an int of ms or a datetime, got bool",
+                         index=index, field=field)
+    if isinstance(value, (int, np.integer)):
+        v = int(value)
+    elif isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        delta = value - _EPOCH
+        v = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    elif isinstance(value, str):
+        try:
+            d = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise EventError(f"`{field}` is not an ISO 8601 time: {value!r}", index=index,
+                             field=field) from None
+        return _to_ms(d, field, index)
+    else:
+        raise EventError(f"`{field}` must be an int of ms or a datetime, got "
+                         f"{type(value).__name__}", index=index, field=field)
+    if not 0 <= v < _MAX_TS:
+        raise EventError(f"`{field}` {v} is out of range (0 <= ts < 2**48 ms)", index=index,
+                         field=field)
+    return v
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_))
+
+
+# ------------------------------------------------------------------ scalar tests
+def _const(v):
+    if isinstance(v, R.Num):
+        return v.value
+    if isinstance(v, R.Dur):
+        return v.ms
+    if isinstance(v, R.Str):
+        return v.value
+    raise TypeError(v)
+
+
+def _cmp(op: str, a, b) -> bool:
+    """``a op b`` with segcore's typing: numbers with numbers, strings with strings."""
+    a_num = isinstance(a, (int, float)) and not isinstance(a, str)
+    b_num = isinstance(b, (int, float)) and not isinstance(b, str)
+    if a_num != b_num:
+        return False
+    if not a_num and not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    if op == "==":
+        return a == b
+    if op == "!=":
+        return a != b
+    if op == "<":
+        return a < b
+    if op == "<=":
+        return a <= b
+    if op == ">":
+        return a > b
+    return a >= b
+
+
+def _norm(v):
+    """A property or trait value as tests see it: bool and numpy scalars become numbers."""
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    if isinstance(v, np.str_):
+        return str(v)
+    return v
+
+
+def test_value(node, v) -> bool:
+    """Evaluate a test on one property/trait value (the other sides are constants)."""
+    if _is_missing(v):
+        return False
+    v = _norm(v)
+    if isinstance(node, R.Exists):
+        return True
+    if isinstance(node, R.Compare):
+        if isinstance(node.left, (R.Prop, R.Trait)):
+            return _cmp(node.op, v, _const(node.right))
+        return _cmp(node.op, _const(node.left), v)
+    if isinstance(node, R.InList):
+        hit = any(_cmp("==", v, x) for x in node.items)
+        return not hit if node.negated else hit
+    if isinstance(node, R.Between):
+        return _cmp("<=", _const(node.low), v) and _cmp("<=", v, _const(node.high))
+    if isinstance(node, R.StrTest):
+        if not isinstance(v, str):
+            return False
+        if node.op == "contains":
+            return node.pattern in v
+        if node.op == "startswith":
+            return v.startswith(node.pattern)
+        return re.search(node.pattern, v) is not None
+    raise TypeError(node)  # pragma: no cover
+
+
+def _leaf_name(node) -> tuple[str, str]:
+    for n in R._walk(node, into_where=False):
+        if isinstance(n, R.Prop):
+            return "prop", n.name
+        if isinstance(n, R.Trait):
+            return "trait", n.name
+    raise TypeError(node)  # pragma: no cover
+
+
+def eval_cond_scalar(cond, get) -> bool:
+    """Evaluate a where-clause (or trait test tree) with ``get(name)`` giving values."""
+    if isinstance(cond, R.And):
+        return all(eval_cond_scalar(c, get) for c in cond.items)
+    if isinstance(cond, R.Or):
+        return any(eval_cond_scalar(c, get) for c in cond.items)
+    if isinstance(cond, R.Not):
+        return not eval_cond_scalar(cond.item, get)
+    return test_value(cond, get(_leaf_name(cond)[1]))
+
+
+# ------------------------------------------------------------------ columns
+def _factorize(col: np.ndarray) -> tuple[list, np.ndarray]:
+    """(unique values, inverse) for any 1-d column; None/NaN become None."""
+    if col.dtype.kind in "US":
+        uniq, inv = np.unique(col, return_inverse=True)
+        return [str(u) for u in uniq], inv.reshape(-1)
+    if col.dtype.kind in "iub":
+        uniq, inv = np.unique(col, return_inverse=True)
+        return [_norm(u) for u in uniq], inv.reshape(-1)
+    if col.dtype.kind == "f":
+        nan = np.isnan(col)
+        filled = np.where(nan, 0.0, col)
+        uniq, inv = np.unique(filled, return_inverse=True)
+        vals: list = [float(u) for u in uniq] + [None]
+        inv = np.where(nan, len(uniq), inv.reshape(-1))
+        return vals, inv
+    index: dict = {}
+    vals = []
+    inv = np.empty(len(col), dtype=np.int64)
+    for i, v in enumerate(col.tolist()):
+        if _is_missing(v):
+            v = None
+        key = (type(v) is str, v)
+        j = index.get(key)
+        if j is None:
+            j = index[key] = len(vals)
+            vals.append(v)
+        inv[i] = j
+    return vals, inv
+
+
+def _where_mask(cond, cols: dict, n: int, cache: dict) -> np.ndarray:
+    if isinstance(cond, R.And):
+        m = _where_mask(cond.items[0], cols, n, cache)
+        for c in cond.items[1:]:
+            m = m & _where_mask(c, cols, n, cache)
+        return m
+    if isinstance(cond, R.Or):
+        m = _where_mask(cond.items[0], cols, n, cache)
+        for c in cond.items[1:]:
+            m = m | _where_mask(c, cols, n, cache)
+        return m
+    if isinstance(cond, R.Not):
+        return ~_where_mask(cond.item, cols, n, cache)
+    name = _leaf_name(cond)[1]
+    col = cols.get(name)
+    if col is None:
+        return np.zeros(n, dtype=bool)
+    if name not in cache:
+        cache[name] = _factorize(col)
+    vals, inv = cache[name]
+    res = np.fromiter((test_value(cond, v) for v in vals), dtype=bool, count=len(vals))
+    return res[inv] if len(vals) else np.zeros(n, dtype=bool)
+
+
+def _as_column(x, n: int, field: str) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(list(x) if not isinstance(x, (list, tuple)) else x)
+        except Exception as e:  # noqa: BLE001 - any conversion failure is bad input
+            raise EventError(f"cannot read column: {e}", field=field) from None
+        if arr.dtype.kind not in "iufbUSO":
+            arr = np.asarray(x, dtype=object)
+    if arr.ndim != 1:
+        raise EventError(f"must be a 1-d column, got shape {arr.shape}", field=field)
+    if len(arr) != n:
+        raise EventError(f"has {len(arr)} rows, expected {n}", field=field)
+    return arr
+
+
+# ------------------------------------------------------------------ engine
+class Engine:
+    """A real-time segmentation engine: exact membership of every user in every segment.
+
+    Parameters
+    ----------
+    clock : callable, optional
+        Returns wall time in **seconds** (like :func:`time.time`). When given, every call first
+        advances the engine to the clock, and events more than ``max_future`` ahead of it are
+        rejected. Without it the engine runs on event time (``now`` = the latest ts seen).
+    max_future : str or int
+        With a clock, how far ahead of it an event may be (default ``"5m"``).
+    seed : int
+        Salt of ``bucket(lo, hi)``'s user hash.
+    dedup_horizon : str or int
+        How long (engine time) a message id is remembered for deduplication (default ``"1d"``).
+    event_types : iterable of str, optional
+        When given, rules may only use these event types (typos are caught with a "did you
+        mean"); events of other types are still accepted.
+
+    Examples
+    --------
+    >>> eng = Engine()
+    >>> _ = eng.add_segment("cart_abandoners", "abandoned(add_to_cart, purchase, 1h)")
+    >>> eng.track("ann", "add_to_cart", ts=1_000)
+    []
+    >>> eng.advance(1_000 + 3_600_000).to_list()
+    [Transition(user='ann', segment='cart_abandoners', entered=True, ts=3601000)]
+    >>> eng.segments_of("ann")
+    ['cart_abandoners']
+    """
+
+    def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
+                 dedup_horizon="1d", event_types: Iterable[str] | None = None):
+        if clock is not None and not callable(clock):
+            raise SegcoreError("clock must be a callable returning seconds (like time.time)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SegcoreError("seed must be an int")
+        self._clock = clock
+        self._max_future_ms = R.parse_duration(max_future)
+        self._seed = seed
+        self._dedup_ms = R.parse_duration(dedup_horizon)
+        self._event_types = None if event_types is None else set(event_types)
+        # ids
+        self._dense: dict[UserId, int] = {}
+        self._pub = np.zeros(16, dtype=np.uint32)
+        self._ext: list[UserId] = []
+        self._str_num: dict[int, str] = {}
+        self._next_str = _U32 - 1
+        # events
+        self._codes: dict[str, int] = {}
+        self._event_names: list[str] = []
+        self._event_counts = np.zeros(16, dtype=np.int64)
+        self._values: dict = {}
+        self._seen_ids: dict = {}
+        self._ids_pruned_at = 0
+        # profiles
+        self._traits: dict[int, dict] = {}
+        self._scores: dict[int, dict] = {}
+        # segments
+        self._asts: dict[str, R.Cond] = {}
+        self._texts: dict[str, str] = {}
+        self._plan: Plan = compile_segments({}, self._event_code)
+        self._kernel = Kernel(self._plan.arrays)
+        self._bitmaps: dict[str, BitMap] = {}
+        self._all = BitMap()
+        self._callbacks: dict[tuple[str, bool], list] = {}
+        self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
+                       "batches": 0}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def now(self) -> int:
+        """The engine's time in ms: the event-time watermark (and the clock, with one)."""
+        return int(self._kernel.now)
+
+    @property
+    def segments(self) -> dict[str, str]:
+        """The segments, name -> rule text, in definition order."""
+        return dict(self._texts)
+
+    # ------------------------------------------------------------------ interning
+    def _event_code(self, name: str) -> int:
+        c = self._codes.get(name)
+        if c is None:
+            c = self._codes[name] = len(self._event_names)
+            self._event_names.append(name)
+            if c >= len(self._event_counts):
+                self._event_counts = np.concatenate(
+                    [self._event_counts, np.zeros(len(self._event_counts), np.int64)])
+        return c
+
+    def event_code(self, name: str) -> int:
+        """The integer code of an event type (for ``track_many(event=codes)``)."""
+        if not isinstance(name, str) or not name:
+            raise EventError("an event type must be a non-empty string", field="event")
+        return self._event_code(name)
+
+    def _value_code(self, v) -> int:
+        key = (isinstance(v, str), v)
+        c = self._values.get(key)
+        if c is None:
+            c = self._values[key] = len(self._values)
+        return c
+
+    def user_number(self, user: UserId) -> int:
+        """The public number of a user (its id for ints; the number given to a string)."""
+        u = self._dense.get(user) if isinstance(user, (int, str)) and not isinstance(
+            user, bool) else None
+        if u is None:
+            raise KeyError(f"unknown user {user!r}")
+        return int(self._pub[u])
+
+    def user_id(self, number: int) -> UserId:
+        """The user id behind a public number (inverse of :meth:`user_number`)."""
+        number = int(number)
+        if number in self._str_num:
+            return self._str_num[number]
+        if number in self._dense:
+            return number
+        raise KeyError(f"unknown user number {number}")
+
+    # ------------------------------------------------------------------ users
+    def _check_user(self, user, index=None) -> UserId:
+        if isinstance(user, (bool, np.bool_)):
+            raise EventError("a user id must be an int in [0, 2**32) or a string, got bool",
+                             index=index, field="user")
+        if isinstance(user, (int, np.integer)):
+            user = int(user)
+            if not 0 <= user < _U32:
+                raise EventError(f"user id {user} is out of range [0, 2**32)", index=index,
+                                 field="user")
+            if user in self._str_num:
+                raise EventError(f"user number {user} is already given to string id "
+                                 f"{self._str_num[user]!r}", index=index, field="user")
+            return user
+        if isinstance(user, (str, np.str_)):
+            user = str(user)
+            if not user:
+                raise EventError("a user id must not be empty", index=index, field="user")
+            return user
+        raise EventError(f"a user id must be an int in [0, 2**32) or a string, got "
+                         f"{type(user).__name__}", index=index, field="user")
+
+    def _resolve_users(self, users: np.ndarray) -> tuple[np.ndarray, list]:
+        """Dense indices for a validated user column; returns (dense or -1, new ids in order)."""
+        n = len(users)
+        if users.dtype.kind in "iu":
+            if n and (users.min() < 0 or users.max() >= _U32):
+                bad = int(np.flatnonzero((users < 0) | (users >= _U32))[0])
+                raise EventError(f"user id {int(users[bad])} is out of range [0, 2**32)",
+                                 index=bad, field="user")
+            uniq, first, inv = np.unique(users, return_index=True, return_inverse=True)
+            dense_u = np.empty(len(uniq), dtype=np.int64)
+            new = []
+            for j, (u, fi) in enumerate(zip(uniq.tolist(), first.tolist())):
+                d = self._dense.get(u)
+                if d is None:
+                    if u in self._str_num:
+                        raise EventError(f"user number {u} is already given to string id "
+                                         f"{self._str_num[u]!r}", index=fi, field="user")
+                    new.append((fi, u))
+                    d = -1
+                dense_u[j] = d
+            new.sort()
+            return dense_u[inv.reshape(-1)], [u for _, u in new]
+        out = np.empty(n, dtype=np.int64)
+        seen_new: dict = {}
+        for i, u in enumerate(users.tolist()):
+            u = self._check_user(u, i)
+            d = self._dense.get(u)
+            if d is None:
+                seen_new.setdefault(u, i)
+                d = -1
+            out[i] = d
+        return out, list(seen_new)
+
+    def _create_users(self, new: list) -> None:
+        if not new:
+            return
+        n0 = len(self._ext)
+        need = n0 + len(new)
+        if need > len(self._pub):
+            grown = np.zeros(max(need, 2 * len(self._pub)), dtype=np.uint32)
+            grown[:n0] = self._pub[:n0]
+            self._pub = grown
+        nums = np.empty(len(new), dtype=np.int64)
+        for i, u in enumerate(new):
+            if isinstance(u, str):
+                while self._next_str in self._dense or self._next_str in self._str_num:
+                    self._next_str -= 1
+                nums[i] = self._next_str
+                self._str_num[self._next_str] = u
+                self._next_str -= 1
+            else:
+                nums[i] = u
+            self._dense[u] = n0 + i
+        self._ext.extend(new)
+        self._pub[n0:need] = nums
+        is_int = np.fromiter((not isinstance(u, str) for u in new), dtype=bool, count=len(new))
+        buckets = np.empty(len(new), dtype=np.int32)
+        if is_int.any():
+            buckets[is_int] = buckets_of_ints(nums[is_int], self._seed)
+        for i in np.flatnonzero(~is_int):
+            buckets[i] = bucket_of(new[i], self._seed)
+        self._kernel.add_users(len(new), buckets)
+        self._all.update(nums.astype(np.uint32))
+
+    # ------------------------------------------------------------------ segments
+    def add_segment(self, name: str, rule) -> Transitions:
+        """Define a segment. ``rule`` is rule text, an AST node or a :mod:`segcore.build`
+        expression. Returns the transitions of users who are in it at once (``ts = now``).
+
+        A segment added after events were tracked is exact at once when the state it needs is
+        already kept (shared counters, traits, scores, references, buckets) or when no event
+        of the types it reads has been accepted yet; otherwise a :class:`RuleError` says which
+        history is missing (the kernel does not keep raw events).
+        """
+        return self.add_segments({name: rule})
+
+    def add_segments(self, segments: Mapping[str, Any]) -> Transitions:
+        """Define several segments at once; they may reference each other in any order."""
+        if not isinstance(segments, Mapping):
+            raise RuleError("add_segments takes a mapping of name -> rule")
+        self._tick()
+        new_names = list(segments)
+        for name in new_names:
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise RuleError(f"bad segment name {name!r} (letters, digits and _, not "
+                                "starting with a digit)")
+            if name in self._asts:
+                raise RuleError(f"segment `{name}` already exists", segment=name)
+        known = set(self._asts) | set(new_names)
+        asts = dict(self._asts)
+        texts = dict(self._texts)
+        for name in new_names:
+            ast, text = self._to_ast(name, segments[name], known)
+            asts[name] = ast
+            texts[name] = text
+        return self._replan(asts, texts, new_names)
+
+    def _to_ast(self, name: str, rule, known) -> tuple:
+        if isinstance(rule, str):
+            parsed = R.parse_full(rule, segment=name, segments=known,
+                                  event_types=self._event_types)
+            return parsed.ast, rule
+        node = getattr(rule, "node", rule)
+        if not isinstance(node, R.Cond.__args__):
+            raise RuleError(f"a rule must be text, an AST node or a builder expression, got "
+                            f"{type(rule).__name__}", segment=name)
+        R.validate(node, segment=name)
+        for ref in R.references(node):
+            if ref not in known:
+                raise RuleError(f"unknown segment `{ref}`{R._suggest(ref, known)}",
+                                segment=name)
+        return node, R.to_text(node)
+
+    def remove_segment(self, name: str) -> None:
+        """Remove a segment (its members, bitmap and callbacks go with it)."""
+        self._require_segment(name)
+        users = [s for s, ast in self._asts.items() if s != name and name in R.references(ast)]
+        if users:
+            raise RuleError(f"segment `{name}` is referenced by "
+                            + ", ".join(f"`{u}`" for u in users), segment=name)
+        asts = {k: v for k, v in self._asts.items() if k != name}
+        texts = {k: v for k, v in self._texts.items() if k != name}
+        self._replan(asts, texts, [])
+        self._bitmaps.pop(name, None)
+        self._callbacks.pop((name, True), None)
+        self._callbacks.pop((name, False), None)
+
+    def _replan(self, asts: dict, texts: dict, new_names: list) -> Transitions:
+        try:
+            plan = compile_segments(asts, self._event_code)
+        except RuleError as e:
+            if e.segment is None and len(new_names) == 1:
+                raise e.with_segment(new_names[0]) from None
+            raise
+        old = self._plan
+        fmap = feature_map(plan, old)
+        for f, spec in enumerate(plan.features):
+            if fmap[f] >= 0:
+                continue
+            for ev in spec.events:
+                seen = (self._stats["events"] if ev is None
+                        else (int(self._event_counts[self._codes[ev]])))
+                if seen:
+                    what = "events" if ev is None else f"`{ev}` events"
+                    owner = ", ".join(f"`{n}`" for n in new_names) or "the segments"
+                    raise RuleError(
+                        f"{owner} needs the history of {what} in a form that is not kept "
+                        f"({seen} already tracked); define it before tracking them",
+                        segment=new_names[0] if len(new_names) == 1 else None)
+        kernel = Kernel(plan.arrays)
+        smap = np.array([old.names.index(n) if n in old.names else -1 for n in plan.names],
+                        dtype=np.int32)
+        kernel.migrate_from(self._kernel, fmap, smap)
+        self._kernel = kernel
+        self._plan = plan
+        self._asts = asts
+        self._texts = texts
+        self._push_all_profiles()
+        for n in new_names:
+            self._bitmaps[n] = BitMap()
+        kernel.eval_all()
+        return self._drain([])
+
+    def _require_segment(self, name: str) -> None:
+        if name not in self._asts:
+            raise RuleError(f"unknown segment `{name}`{R._suggest(str(name), self._asts)}")
+
+    # ------------------------------------------------------------------ profiles
+    def _trait_bits(self, dense: int) -> np.ndarray:
+        traits = self._traits.get(dense, {})
+        get = traits.get
+        return np.fromiter((eval_cond_scalar(t, get) for t in self._plan.trait_tests),
+                           dtype=np.uint8, count=len(self._plan.trait_tests))
+
+    def _score_row(self, dense: int) -> np.ndarray:
+        sc = self._scores.get(dense, {})
+        return np.array([sc.get(n, np.nan) for n in self._plan.score_names], dtype=np.float64)
+
+    def _push_profiles(self, dense: list[int]) -> None:
+        if not dense:
+            return
+        idx = np.array(dense, dtype=np.uint32)
+        if self._plan.trait_tests:
+            bits = np.concatenate([self._trait_bits(d) for d in dense])
+            self._kernel.set_trait_bits(idx, bits)
+        if self._plan.score_names:
+            vals = np.concatenate([self._score_row(d) for d in dense])
+            self._kernel.set_scores(idx, vals)
+
+    def _push_all_profiles(self) -> None:
+        self._push_profiles(sorted(set(self._traits) | set(self._scores)))
+
+    @staticmethod
+    def _check_profile_value(v, what: str, key: str, index=None):
+        if v is None or isinstance(v, (str, int, float, bool)):
+            return _norm(v) if not isinstance(v, bool) else v
+        if isinstance(v, (np.generic,)):
+            return _norm(v)
+        raise EventError(f"{what} `{key}` must be a string, number, bool or None, got "
+                         f"{type(v).__name__}", index=index, field=f"{what}s.{key}")
+
+    def set_traits(self, user: UserId, traits: Mapping[str, Any]) -> list[Transition]:
+        """Set (or with ``None``, delete) traits of a user; returns the transitions caused.
+
+        >>> eng = Engine()
+        >>> _ = eng.add_segment("swedes", 'trait.country == "SE"')
+        >>> eng.set_traits(7, {"country": "SE"})
+        [Transition(user=7, segment='swedes', entered=True, ts=0)]
+        """
+        self._tick()
+        user = self._check_user(user)
+        if not isinstance(traits, Mapping):
+            raise EventError("traits must be a mapping of name -> value", field="traits")
+        clean = {}
+        for k, v in traits.items():
+            if not isinstance(k, str) or not k:
+                raise EventError("trait names must be non-empty strings", field="traits")
+            clean[k] = self._check_profile_value(v, "trait", k)
+        self._create_users([user] if user not in self._dense else [])
+        d = self._dense[user]
+        cur = self._traits.setdefault(d, {})
+        for k, v in clean.items():
+            if v is None:
+                cur.pop(k, None)
+            else:
+                cur[k] = v
+        if not cur:
+            del self._traits[d]
+        self._push_profiles([d])
+        self._kernel.eval_users(np.array([d], dtype=np.uint32))
+        return list(self._drain([]))
+
+    def set_traits_many(self, user, **traits) -> Transitions:
+        """Set traits for many users: ``set_traits_many(user=ids, country=codes, ...)``.
+
+        Each keyword is a column as long as ``user``; ``None`` entries delete that trait.
+        """
+        self._tick()
+        if user is None:
+            raise EventError("`user` column is required", field="user")
+        try:
+            n = len(user)
+        except TypeError:
+            raise EventError("`user` must be a column (array or list)", field="user") from None
+        users = _as_column(user, n, "user")
+        cols = {}
+        for k, col in traits.items():
+            cols[k] = _as_column(col, n, f"traits.{k}").tolist()
+            for i, v in enumerate(cols[k]):
+                cols[k][i] = self._check_profile_value(v, "trait", k, index=i)
+        dense, new = self._resolve_users(users)
+        self._create_users(new)
+        if new:
+            dense = np.array([self._dense[self._check_user(u)] for u in users.tolist()],
+                             dtype=np.int64)
+        order: list[int] = []
+        seen = set()
+        for i, d in enumerate(dense.tolist()):
+            cur = self._traits.setdefault(d, {})
+            for k, col in cols.items():
+                v = col[i]
+                if v is None:
+                    cur.pop(k, None)
+                else:
+                    cur[k] = v
+            if not cur:
+                del self._traits[d]
+            if d not in seen:
+                seen.add(d)
+                order.append(d)
+        self._push_profiles(order)
+        self._kernel.eval_users(np.array(order, dtype=np.uint32))
+        return self._drain([])
+
+    def set_scores(self, user: UserId, scores: Mapping[str, Any]) -> list[Transition]:
+        """Set (or with ``None``, delete) numeric scores used as ``score.NAME`` in rules."""
+        self._tick()
+        user = self._check_user(user)
+        if not isinstance(scores, Mapping):
+            raise EventError("scores must be a mapping of name -> number", field="scores")
+        clean = {}
+        for k, v in scores.items():
+            if not isinstance(k, str) or not k:
+                raise EventError("score names must be non-empty strings", field="scores")
+            if v is not None and (not _is_num(v) or not math.isfinite(float(v))):
+                raise EventError(f"score `{k}` must be a finite number or None, got {v!r}",
+                                 field=f"scores.{k}")
+            clean[k] = None if v is None else float(v)
+        self._create_users([user] if user not in self._dense else [])
+        d = self._dense[user]
+        cur = self._scores.setdefault(d, {})
+        for k, v in clean.items():
+            if v is None:
+                cur.pop(k, None)
+            else:
+                cur[k] = v
+        if not cur:
+            del self._scores[d]
+        self._push_profiles([d])
+        self._kernel.eval_users(np.array([d], dtype=np.uint32))
+        return list(self._drain([]))
+
+    # ------------------------------------------------------------------ time
+    def _tick(self) -> Transitions | None:
+        if self._clock is None:
+            return None
+        t = self._clock_ms()
+        if t > self._kernel.now:
+            self._kernel.advance(t)
+        return None
+
+    def _clock_ms(self) -> int:
+        t = self._clock()
+        try:
+            ms = int(float(t) * 1000)
+        except (TypeError, ValueError):
+            raise SegcoreError(f"clock() must return seconds as a number, got {t!r}") from None
+        return min(max(ms, 0), _MAX_TS - 1)
+
+    def advance(self, ts) -> Transitions:
+        """Move time forward to ``ts`` (ms or datetime); returns the transitions time caused,
+        each at the exact instant its rule flipped. Earlier times are a no-op."""
+        t = _to_ms(ts)
+        self._tick()
+        self._kernel.advance(t)
+        return self._drain([])
+
+    # ------------------------------------------------------------------ events
+    def track(self, user: UserId, event: str, ts=None, props: Mapping[str, Any] | None = None,
+              id=None) -> list[Transition]:
+        """Track one event; returns the transitions it (and the time it moved) caused.
+
+        ``ts`` is ms since the epoch or a datetime (default: now). ``props`` are the event's
+        properties (str, number, bool or None). ``id`` is an optional message id: a repeated
+        id within the dedup horizon is ignored (and counted in ``stats()["duplicates"]``).
+        """
+        if props is not None and not isinstance(props, Mapping):
+            raise EventError("props must be a mapping of name -> value", field="props")
+        user = self._check_user(user)
+        if not isinstance(event, str) or not event:
+            raise EventError("event must be a non-empty string", field="event")
+        if ts is None:
+            ts = self._clock_ms() if self._clock is not None else self.now
+        t = _to_ms(ts)
+        cols = {}
+        for k, v in (props or {}).items():
+            if not isinstance(k, str):
+                raise EventError("property names must be strings", field="props")
+            if not (v is None or isinstance(v, (str, int, float, bool, np.generic))):
+                raise EventError(f"property `{k}` must be a string, number, bool or None, got "
+                                 f"{type(v).__name__}", field=f"props.{k}")
+            arr = np.empty(1, dtype=object)
+            arr[0] = v
+            cols[k] = arr
+        ids = None
+        if id is not None:
+            ids = np.empty(1, dtype=object)
+            ids[0] = id
+        users = np.empty(1, dtype=object)
+        users[0] = user
+        return list(self._ingest(users, np.array([event], dtype=object),
+                                 np.array([t], dtype=np.int64), cols, ids, single=True))
+
+    def track_many(self, user, event, ts, props: Mapping[str, Any] | None = None,
+                   id=None) -> Transitions:
+        """Track a batch of events given as columns; exactly like tracking them one by one.
+
+        Parameters
+        ----------
+        user : array of int or str
+        event : array of str, or int codes from :meth:`event_code`
+        ts : array of int ms (or datetime64)
+        props : dict of name -> array (None / NaN = absent in that row)
+        id : array of message ids (None = no id), optional
+
+        The batch is validated whole first: a bad row raises :class:`EventError` with its
+        ``index`` and ``field`` and nothing is applied.
+        """
+        if user is None or event is None or ts is None:
+            raise EventError("user, event and ts columns are required",
+                             field="user" if user is None else "event" if event is None
+                             else "ts")
+        try:
+            n = len(user)
+        except TypeError:
+            raise EventError("`user` must be a column (array or list)", field="user") from None
+        users = _as_column(user, n, "user")
+        events = _as_column(event, n, "event")
+        tss = _as_column(ts, n, "ts")
+        if props is not None and not isinstance(props, Mapping):
+            raise EventError("props must be a mapping of name -> column", field="props")
+        cols = {}
+        for k, v in (props or {}).items():
+            if not isinstance(k, str):
+                raise EventError("property names must be strings", field="props")
+            cols[k] = _as_column(v, n, f"props.{k}")
+        ids = None if id is None else _as_column(id, n, "id")
+        return self._ingest(users, events, tss, cols, ids)
+
+    def track_json(self, data: bytes | str) -> Transitions:
+        """Track a JSON array of ``{"user", "event", "ts", "props"?, "id"?}`` objects
+        (``ts`` in ms or ISO 8601); same contract as :meth:`track_many`."""
+        rows = _decode_events(data)
+        n = len(rows)
+        users = np.empty(n, dtype=object)
+        events = np.empty(n, dtype=object)
+        tss = np.empty(n, dtype=np.int64)
+        ids = np.empty(n, dtype=object)
+        cols: dict[str, np.ndarray] = {}
+        for i, r in enumerate(rows):
+            users[i] = r.user
+            events[i] = r.event
+            tss[i] = _to_ms(r.ts, "ts", i)
+            ids[i] = r.id
+            if r.props:
+                for k, v in r.props.items():
+                    if isinstance(v, (dict, list)):
+                        raise EventError(f"property `{k}` must be a string, number, bool or "
+                                         f"null, got {type(v).__name__}", index=i,
+                                         field=f"props.{k}")
+                    col = cols.get(k)
+                    if col is None:
+                        col = cols[k] = np.full(n, None, dtype=object)
+                    col[i] = v
+        has_ids = any(x is not None for x in ids)
+        return self._ingest(users, events, tss, cols, ids if has_ids else None)
+
+    def _event_column(self, events: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        n = len(events)
+        if events.dtype.kind in "iu":
+            if n and (events.min() < 0 or events.max() >= len(self._event_names)):
+                bad = int(np.flatnonzero((events < 0) |
+                                         (events >= len(self._event_names)))[0])
+                raise EventError(f"unknown event code {int(events[bad])} (use "
+                                 "eng.event_code(name))", index=bad, field="event")
+            return events.astype(np.int32), []
+        if events.dtype.kind == "U":
+            names, inv = np.unique(events, return_inverse=True)
+            names = names.tolist()
+        elif events.dtype.kind == "O":
+            names, inv = _factorize(events)
+        else:
+            raise EventError(f"event must be strings or int codes, got dtype {events.dtype}",
+                             field="event")
+        for j, nm in enumerate(names):
+            if not isinstance(nm, str) or not nm:
+                bad = int(np.flatnonzero(inv.reshape(-1) == j)[0])
+                raise EventError(f"event must be a non-empty string, got {nm!r}", index=bad,
+                                 field="event")
+        new = [nm for nm in names if nm not in self._codes]
+        # codes for new names are assigned only after the whole batch validated
+        return inv.reshape(-1), names if new or True else []
+
+    def _ts_column(self, tss: np.ndarray) -> np.ndarray:
+        if tss.dtype.kind == "M":
+            tss = tss.astype("datetime64[ms]").astype(np.int64)
+        elif tss.dtype.kind == "O":
+            tss = np.array([_to_ms(v, "ts", i) for i, v in enumerate(tss.tolist())],
+                           dtype=np.int64)
+        elif tss.dtype.kind not in "iu":
+            raise EventError(f"ts must be int ms or datetime64, got dtype {tss.dtype}",
+                             field="ts")
+        if len(tss) and (tss.min() < 0 or tss.max() >= _MAX_TS):
+            bad = int(np.flatnonzero((tss < 0) | (tss >= _MAX_TS))[0])
+            raise EventError(f"`ts` {int(tss[bad])} is out of range (0 <= ts < 2**48 ms)",
+                             index=bad, field="ts")
+        return tss.astype(np.int64)
+
+    def _ingest(self, users, events, tss, cols, ids, single: bool = False) -> Transitions:
+        n = len(users)
+        pre = self._tick()
+        # ---- validate everything before touching any state
+        if events.dtype.kind in "iu":
+            ecodes, names = self._event_column(events), None
+            ecodes = ecodes[0]
+        else:
+            inv, names = self._event_column(events)
+        tss = self._ts_column(tss)
+        if self._clock is not None and n:
+            lim = self._clock_ms() + self._max_future_ms
+            if tss.max() > lim:
+                bad = int(np.flatnonzero(tss > lim)[0])
+                raise EventError(f"`ts` {int(tss[bad])} is more than max_future ahead of the "
+                                 f"clock ({lim - self._max_future_ms})",
+                                 index=None if single else bad, field="ts")
+        dense, new_users = self._resolve_users(users)
+        if names is not None:
+            known = np.array([self._codes.get(nm, -1) for nm in names], dtype=np.int32)
+            ecodes_tmp = known[inv] if len(names) else np.zeros(n, np.int32)
+        else:
+            ecodes_tmp = ecodes
+        fpass, vals, keys = self._prop_columns(cols, n, ecodes_tmp, names, inv if names
+                                               is not None else None, single)
+        keep = self._dedup(ids, tss) if ids is not None else None
+        # ---- apply
+        if names is not None:
+            codes = np.array([self._event_code(nm) for nm in names], dtype=np.int32)
+            ecodes = codes[inv] if len(names) else np.zeros(n, np.int32)
+        self._create_users(new_users)
+        if new_users:
+            dense = np.array([self._dense[self._check_user(u)] for u in users.tolist()],
+                             dtype=np.int64) if users.dtype.kind not in "iu" else \
+                np.array([self._dense[u] for u in users.tolist()], dtype=np.int64)
+        dups = None
+        if keep is not None and not keep.all():
+            dups = np.flatnonzero(~keep)
+            dense, ecodes, tss = dense[keep], ecodes[keep], tss[keep]
+            nf, nv, nk = self._kernel.n_filter, self._kernel.n_val, self._kernel.n_key
+            fpass = fpass.reshape(n, nf)[keep].reshape(-1) if nf else fpass
+            vals = vals.reshape(n, nv)[keep].reshape(-1) if nv else vals
+            keys = keys.reshape(n, nk)[keep].reshape(-1) if nk else keys
+            self._stats["duplicates"] += len(dups)
+        self._kernel.track(dense.astype(np.uint32), np.ascontiguousarray(ecodes, np.int32),
+                           np.ascontiguousarray(tss), np.ascontiguousarray(fpass),
+                           np.ascontiguousarray(vals), np.ascontiguousarray(keys))
+        m = len(dense)
+        self._stats["events"] += m
+        self._stats["batches"] += 1
+        if m:
+            self._event_counts[: len(self._event_names)] += np.bincount(
+                ecodes, minlength=len(self._event_names))[: len(self._event_names)]
+        out = self._drain([] if pre is None else [pre])
+        if dups is not None:
+            out.duplicates = dups
+        return out
+
+    def _prop_columns(self, cols, n, ecodes, names, inv, single):
+        plan = self._plan
+        nf, nv, nk = len(plan.filters), len(plan.val_props), len(plan.key_props)
+        fpass = np.zeros((n, nf), dtype=np.uint8)
+        vals = np.full((n, nv), np.nan, dtype=np.float64)
+        keys = np.full((n, nk), -1, dtype=np.int64)
+        cache: dict = {}
+        for j, w in enumerate(plan.filters):
+            fpass[:, j] = _where_mask(w, cols, n, cache)
+        # which rows must carry a number in each numeric prop
+        for j, p in enumerate(plan.val_props):
+            col = cols.get(p)
+            if col is None:
+                continue
+            need_codes = {self._codes[e] for (e, q) in plan.numeric
+                          if q == p and e in self._codes}
+            need_names = {e for (e, q) in plan.numeric if q == p}
+            if names is not None:
+                need = np.isin(inv, [i for i, nm in enumerate(names) if nm in need_names]) \
+                    if names else np.zeros(n, bool)
+            else:
+                need = np.isin(ecodes, list(need_codes))
+            if col.dtype.kind in "iuf":
+                vals[:, j] = col.astype(np.float64)
+                continue
+            lst = col.tolist()
+            for i, v in enumerate(lst):
+                if _is_missing(v):
+                    continue
+                if _is_num(v):
+                    vals[i, j] = float(v)
+                elif need[i]:
+                    ev = names[inv[i]] if names is not None else self._event_names[ecodes[i]]
+                    raise EventError(f"`{p}` of `{ev}` events must be a number (it is "
+                                     f"aggregated), got {type(v).__name__}",
+                                     index=None if single else i, field=f"props.{p}")
+        for j, p in enumerate(plan.key_props):
+            col = cols.get(p)
+            if col is None:
+                continue
+            if p not in cache:
+                cache[p] = _factorize(col)
+            uvals, uinv = cache[p]
+            codes = np.array([-1 if v is None else self._value_code(v) for v in uvals],
+                             dtype=np.int64)
+            keys[:, j] = codes[uinv] if len(uvals) else -1
+        return fpass.reshape(-1), vals.reshape(-1), keys.reshape(-1)
+
+    def _dedup(self, ids: np.ndarray, tss: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(ids), dtype=bool)
+        now = self._kernel.now
+        seen = self._seen_ids
+        horizon = self._dedup_ms
+        for i, mid in enumerate(ids.tolist()):
+            if mid is None:
+                if tss[i] > now:
+                    now = int(tss[i])
+                continue
+            if not isinstance(mid, (str, int)) or isinstance(mid, bool):
+                raise EventError(f"a message id must be a string or int, got "
+                                 f"{type(mid).__name__}", index=i, field="id")
+            t0 = seen.get(mid)
+            if t0 is not None and now - t0 <= horizon:
+                keep[i] = False
+                continue
+            if tss[i] > now:
+                now = int(tss[i])
+            seen[mid] = now
+        if len(seen) > 2 * self._ids_pruned_at + 1024:
+            cut = now - horizon
+            self._seen_ids = {k: v for k, v in seen.items() if v >= cut}
+            self._ids_pruned_at = len(self._seen_ids)
+        return keep
+
+    # ------------------------------------------------------------------ transitions
+    def _drain(self, prefix: list) -> Transitions:
+        u, s, e, t = self._kernel.take_transitions()
+        names = tuple(self._plan.names)
+        batch = Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
+                            names, self._str_num)
+        if prefix:
+            batch = Transitions.concat(prefix + [batch], names)
+        if len(batch):
+            self._stats["transitions"] += len(batch)
+            self._apply_bitmaps(batch)
+            if self._callbacks:
+                self._fire(batch)
+        return batch
+
+    def _apply_bitmaps(self, b: Transitions) -> None:
+        for k in np.unique(b.segment):
+            name = b.segment_names[k]
+            bm = self._bitmaps.get(name)
+            if bm is None:
+                continue
+            idx = np.flatnonzero(b.segment == k)
+            users = b.user[idx]
+            ent = b.entered[idx]
+            # the last transition of each user decides its final state
+            rev_u, rev_first = np.unique(users[::-1], return_index=True)
+            last = ent[::-1][rev_first]
+            if last.any():
+                bm |= BitMap(rev_u[last])
+            if not last.all():
+                bm -= BitMap(rev_u[~last])
+
+    def _fire(self, b: Transitions) -> None:
+        for i in range(len(b)):
+            name = b.segment_names[b.segment[i]]
+            fns = self._callbacks.get((name, bool(b.entered[i])))
+            if not fns:
+                continue
+            tr = b._item(i)
+            for fn in list(fns):
+                try:
+                    fn(tr)
+                except Exception:  # noqa: BLE001 - a callback must never stop ingestion
+                    self._stats["callback_errors"] += 1
+                    log.exception("segcore: callback %r for %s failed", fn, tr)
+
+    def on_enter(self, segment: str, fn: Callable[[Transition], Any] | None = None):
+        """Call ``fn(transition)`` whenever a user enters ``segment`` (usable as a decorator).
+
+        Callbacks run after the engine call has updated all state; an exception in one is
+        logged and counted in ``stats()["callback_errors"]`` and never stops ingestion.
+        """
+        return self._register(segment, True, fn)
+
+    def on_exit(self, segment: str, fn: Callable[[Transition], Any] | None = None):
+        """Call ``fn(transition)`` whenever a user leaves ``segment`` (usable as a decorator)."""
+        return self._register(segment, False, fn)
+
+    def _register(self, segment, entered, fn):
+        self._require_segment(segment)
+        if fn is None:
+            def deco(f):
+                self._register(segment, entered, f)
+                return f
+            return deco
+        if not callable(fn):
+            raise SegcoreError("a callback must be callable")
+        self._callbacks.setdefault((segment, entered), []).append(fn)
+        return fn
+
+    # ------------------------------------------------------------------ reads
+    def members(self, segment: str) -> FrozenBitMap:
+        """The segment's members as a (frozen copy of a) roaring bitmap of user numbers."""
+        self._require_segment(segment)
+        return FrozenBitMap(self._bitmaps[segment])
+
+    def size(self, segment: str) -> int:
+        """Number of members of a segment."""
+        self._require_segment(segment)
+        return len(self._bitmaps[segment])
+
+    def sizes(self) -> dict[str, int]:
+        """Every segment's size, in definition order."""
+        return {name: len(self._bitmaps[name]) for name in self._asts}
+
+    def segments_of(self, user: UserId) -> list[str]:
+        """The segments a user is in now, in definition order ([] for an unknown user)."""
+        if isinstance(user, bool) or not isinstance(user, (int, str, np.integer)):
+            raise EventError("a user id must be an int or a string", field="user")
+        d = self._dense.get(int(user) if isinstance(user, np.integer) else user)
+        if d is None:
+            return []
+        row = self._kernel.member_row(d)
+        inside = {self._plan.names[i] for i in np.flatnonzero(row)}
+        return [n for n in self._asts if n in inside]
+
+    def query(self, expr: str) -> BitMap:
+        """Bitmap algebra over segment names: ``&`` (and), ``|`` (or), ``-`` (minus),
+        ``~`` (not: every known user outside), parentheses.
+
+        >>> eng = Engine()
+        >>> _ = eng.add_segments({"a": "seen", "b": 'trait.vip == 1'})
+        >>> _ = eng.track(1, "x", ts=1); _ = eng.track(2, "x", ts=2)
+        >>> _ = eng.set_traits(2, {"vip": 1})
+        >>> list(eng.query("a & ~b"))
+        [1]
+        """
+        return _BitmapQuery(expr, self).parse()
+
+    def stats(self) -> dict:
+        """Counters and sizes: users, events, duplicates, transitions, segments, timers,
+        callback errors, kernel memory."""
+        k = self._kernel.stats()
+        return {
+            "now": self.now, "users": len(self._ext), "events": self._stats["events"],
+            "batches": self._stats["batches"], "duplicates": self._stats["duplicates"],
+            "transitions": self._stats["transitions"], "segments": len(self._asts),
+            "features": len(self._plan.features), "timers": k["timers"],
+            "callback_errors": self._stats["callback_errors"],
+            "event_types": len(self._event_names), "memory_bytes": k["memory_bytes"],
+        }
+
+    def __repr__(self) -> str:
+        return (f"<segcore.Engine: {len(self._asts)} segments, {len(self._ext)} users, "
+                f"now={self.now}>")
+
+
+class _EventRow(msgspec.Struct, forbid_unknown_fields=True):
+    user: Union[int, str]
+    event: str
+    ts: Union[int, str]
+    props: Union[dict[str, Union[str, int, float, bool, None, list, dict]], None] = None
+    id: Union[str, int, None] = None
+
+
+_rows_decoder = msgspec.json.Decoder(list[_EventRow])
+
+
+def _decode_events(data) -> list:
+    if isinstance(data, str):
+        data = data.encode()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise EventError("track_json takes bytes or str of a JSON array")
+    try:
+        return _rows_decoder.decode(data)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        m = re.search(r" - at `\$\[(\d+)\](?:\.(\w+))?([^`]*)`$", msg)
+        if m:
+            field = m.group(2) or None
+            if field and m.group(3):
+                field += m.group(3).replace("['", ".").replace("']", "")
+            raise EventError(msg[: m.start()], index=int(m.group(1)), field=field) from None
+        raise EventError(msg) from None
+    except msgspec.DecodeError as e:
+        raise EventError(f"invalid JSON: {e}") from None
+
+
+class _BitmapQuery:
+    _TOK = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|([&|\-~()]))")
+
+    def __init__(self, text: str, eng: Engine):
+        if not isinstance(text, str):
+            raise RuleError("a query must be a string")
+        self.text = text
+        self.eng = eng
+        self.toks: list[tuple[str, int]] = []
+        pos = 0
+        while pos < len(text):
+            m = self._TOK.match(text, pos)
+            if m is None or m.end() == pos:
+                if text[pos:].strip() == "":
+                    break
+                raise self.err(f"unexpected `{text[pos:].strip()[0]}`", pos)
+            tok = m.group(1) or m.group(2)
+            self.toks.append((tok, m.start(1) if m.group(1) else m.start(2)))
+            pos = m.end()
+        self.i = 0
+
+    def err(self, reason: str, pos: int) -> RuleError:
+        return RuleError(reason, line=1, column=pos + 1, segment=None)
+
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else (None, len(self.text))
+
+    def parse(self) -> BitMap:
+        if not self.toks:
+            raise self.err("empty query", 0)
+        bm = self.expr()
+        tok, pos = self.peek()
+        if tok is not None:
+            raise self.err(f"unexpected `{tok}`", pos)
+        return bm
+
+    def expr(self) -> BitMap:
+        bm = self.term()
+        while self.peek()[0] in ("|", "-"):
+            op = self.peek()[0]
+            self.i += 1
+            rhs = self.term()
+            bm = bm | rhs if op == "|" else bm - rhs
+        return bm
+
+    def term(self) -> BitMap:
+        bm = self.unary()
+        while self.peek()[0] == "&":
+            self.i += 1
+            bm = bm & self.unary()
+        return bm
+
+    def unary(self) -> BitMap:
+        tok, pos = self.peek()
+        if tok == "~":
+            self.i += 1
+            return BitMap(self.eng._all) - self.unary()
+        if tok == "(":
+            self.i += 1
+            bm = self.expr()
+            t2, p2 = self.peek()
+            if t2 != ")":
+                raise self.err("expected `)`", p2)
+            self.i += 1
+            return bm
+        if tok is None or not _NAME_RE.match(tok):
+            raise self.err("expected a segment name" + (f", found `{tok}`" if tok else ""),
+                           pos)
+        self.i += 1
+        if tok not in self.eng._asts:
+            raise self.err(f"unknown segment `{tok}`{R._suggest(tok, self.eng._asts)}", pos)
+        return BitMap(self.eng._bitmaps[tok])
