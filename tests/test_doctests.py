@@ -1,0 +1,16 @@
+"""Every public module's docstring examples run against the installed package."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["segcore", "segcore.engine", "segcore.rules", "segcore.build", "segcore.hashing",
+           "segcore.synth", "segcore.compile"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_doctests(name):
+    mod = importlib.import_module(name)
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0, f"{res.failed} doctest(s) failed in {name}"
