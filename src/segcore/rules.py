@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Union
 
@@ -37,7 +38,8 @@ DURATION_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000
 MAX_TIME_MS = 2 ** 48
 
 
-class _Node(msgspec.Struct, frozen=True, tag_field="kind", tag=str.lower):
+class _Node(msgspec.Struct, frozen=True, tag_field="kind", tag=str.lower,
+            forbid_unknown_fields=True):
     pass
 
 
@@ -198,7 +200,8 @@ _TOKEN_RE = re.compile(r"""
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<op>==|!=|<=|>=|<|>|\(|\)|\[|\]|,|\.|\+|-)
 """, re.VERBOSE)
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "/": "/"}
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "/": "/", "b": "\b",
+            "f": "\f"}
 
 
 class _Tok(msgspec.Struct):
@@ -215,6 +218,14 @@ def _unescape(body: str, text: str, pos: int, segment: str | None) -> str:
         c = body[i]
         if c == "\\":
             nxt = body[i + 1]
+            if nxt == "u":
+                # JSON's \uXXXX, which to_text emits for control characters.
+                hexd = body[i + 2:i + 6]
+                if not re.fullmatch(r"[0-9a-fA-F]{4}", hexd):
+                    raise _err("`\\u` needs four hex digits", text, pos + 1 + i, segment)
+                out.append(chr(int(hexd, 16)))
+                i += 6
+                continue
             if nxt not in _ESCAPES:
                 raise _err(f"unknown escape `\\{nxt}` in string", text, pos + 1 + i, segment)
             out.append(_ESCAPES[nxt])
@@ -222,7 +233,13 @@ def _unescape(body: str, text: str, pos: int, segment: str | None) -> str:
         else:
             out.append(c)
             i += 1
-    return "".join(out)
+    s = "".join(out)
+    if re.search("[\ud800-\udfff]", s):
+        try:   # a surrogate pair written as two \u escapes is one character
+            s = s.encode("utf-16", "surrogatepass").decode("utf-16")
+        except UnicodeDecodeError:
+            raise _err("unpaired surrogate in `\\u` escape", text, pos, segment) from None
+    return s
 
 
 def _lex(text: str, segment: str | None) -> list[_Tok]:
@@ -407,15 +424,24 @@ class _Parser:
             # Either a parenthesised condition or a parenthesised value in a test.
             save = self.i
             self.i += 1
+            cond_err = None
             try:
                 node = self.or_()
                 self.expect(")")
                 if not self._starts_test_tail():
                     return node
-            except RuleError:
-                pass
+            except RuleError as e:
+                cond_err = e
             self.i = save
-            return self.test()
+            try:
+                return self.test()
+            except RuleError as e:
+                # Report whichever reading got further (`(seen and seen` is a missing `)`,
+                # not a misplaced keyword).
+                if cond_err is not None and (cond_err.line, cond_err.column) > (e.line,
+                                                                                 e.column):
+                    raise cond_err from None
+                raise
         if t.kind == "name" and not self.in_where:
             if t.text == "seen":
                 self.i += 1
@@ -760,6 +786,16 @@ def _walk(node, into_where: bool = True):
         yield from _walk(node.where, into_where)
 
 
+def _walk_paths(node, p: str):
+    """The values of one test with their JSON paths (not into ``where``)."""
+    yield node, p
+    fields = {Compare: ("left", "right"), Arith: ("left", "right"),
+              Between: ("value", "low", "high"), InList: ("value",), StrTest: ("value",),
+              Exists: ("value",)}.get(type(node), ())
+    for f in fields:
+        yield from _walk_paths(getattr(node, f), f"{p}.{f}")
+
+
 def references(node) -> list[str]:
     """Names of the segments a rule refers to with ``in(NAME)``, in order, without repeats."""
     out: list[str] = []
@@ -794,18 +830,23 @@ def validate(node, segment: str | None = None, path: str = "$") -> None:
                         re.compile(n.pattern)
                     except re.error as e:
                         fail(f"bad regular expression: {e}")
-            for v in _walk(n, into_where=False):
+            for v, vp in _walk_paths(n, p):
+                def vfail(reason):
+                    raise RuleError(reason, segment=segment, path=vp)
                 if isinstance(v, Prop) and not in_where:
-                    fail(f"property `{v.name}` is only available inside `where`")
+                    vfail(f"property `{v.name}` is only available inside `where`")
                 if in_where and isinstance(v, (Agg, Trait, Score, Now, FirstSeen, LastSeen,
                                                First, Last)):
-                    fail("inside `where`, only event properties and constants can be compared")
+                    vfail("inside `where`, only event properties and constants can be compared")
                 if isinstance(v, Agg):
-                    check_agg(v, p)
+                    check_agg(v, vp)
                 if isinstance(v, Arith) and v.op not in ("+", "-"):
-                    fail(f"unknown operator `{v.op}`")
+                    vfail(f"unknown operator `{v.op}`")
                 if isinstance(v, Dur) and not abs(v.ms) < MAX_TIME_MS:
-                    fail("duration out of range")
+                    vfail("duration out of range")
+                if (isinstance(v, Num) and isinstance(v.value, float)
+                        and not math.isfinite(v.value)):
+                    vfail("numbers must be finite")
             _check_test(n, fail, in_where)
         elif isinstance(n, Bucket):
             if not 0 <= n.lo <= n.hi <= 9999:
