@@ -315,12 +315,16 @@ def _as_column(x, n: int, field: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         arr = x
     else:
+        # Python sequences become object columns, validated value by value: numpy's own
+        # conversion would silently turn True into 1 or 2.5 into a float column.
         try:
-            arr = np.asarray(list(x) if not isinstance(x, (list, tuple)) else x)
-        except Exception as e:  # noqa: BLE001 - any conversion failure is bad input
-            raise EventError(f"cannot read column: {e}", field=field) from None
-        if arr.dtype.kind not in "iufbUSO":
-            arr = np.asarray(x, dtype=object)
+            items = list(x)
+        except TypeError:
+            raise EventError(f"must be a column (array or list), got {type(x).__name__}",
+                             field=field) from None
+        arr = np.empty(len(items), dtype=object)
+        for i, v in enumerate(items):
+            arr[i] = v
     if arr.ndim != 1:
         raise EventError(f"must be a 1-d column, got shape {arr.shape}", field=field)
     if len(arr) != n:

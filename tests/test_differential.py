@@ -1,0 +1,229 @@
+"""Randomised differential tests: the compiled engine against the reference engine.
+
+Hypothesis drives both engines through the same random sequence of calls (single events, batches,
+late events, advances, traits, scores) with tiny windows, so that timestamps land exactly on
+window edges, one millisecond either side, on equal timestamps, and on exits with no new event.
+After every call the transitions returned and every segment's members must be identical.
+"""
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import segcore
+import segcore_ref
+
+RULES = {
+    "c3": "count(buy, 50ms) >= 3",
+    "c_eq": "count(view, 30ms) == 2",
+    "c_lt": 'count(view where cat == "a", 40ms) < 2 and seen',
+    "sum_all": "sum(buy.amount) >= 10",
+    "sum_w": "sum(buy.amount, 60ms) > 5",
+    "avg_w": "avg(buy.amount, 25ms) >= 2.5",
+    "min_max": "min(buy.amount, 80ms) < 2 or max(buy.amount) > 8",
+    "dist": "distinct(view.cat, 45ms) >= 2",
+    "dist_all": "distinct(view.cat) >= 3",
+    "did": "did(ticket, 20ms)",
+    "inactive": "seen and inactive(35ms)",
+    "inactive2": "inactive(15ms)",
+    "ab": "abandoned(cart, buy, 30ms)",
+    "ab_by": "abandoned(cart, buy, 20ms) by cid",
+    "new": "first_seen >= now - 40ms",
+    "age": "now - last(buy) > 25ms",
+    "age2": "last(view) + 10ms <= now",
+    "trait": 'trait.country == "SE" and in(c3)',
+    "trait2": 'trait.age between 18 and 30 or trait.country in ["NO", "DK"]',
+    "score": "score.churn >= 0.5 and not in(inactive)",
+    "score2": "score.churn + count(buy) > 2",
+    "bucket": "bucket(0, 4999)",
+    "gen": "count(view, 30ms) + count(buy, 30ms) >= 3",
+    "cnt_all": "count(view) >= 2 and count(buy) == 0",
+    "neg": "not (count(view, 30ms) >= 1) and seen",
+    "first_e": "first(buy) < first(view)",
+    "where_num": "count(buy where amount > 3, 50ms) >= 1",
+    "where_str": 'count(view where cat startswith "b" or cat matches "^c", 30ms) >= 1',
+    "where_missing": "count(view where not cat exists, 30ms) >= 1",
+    "chain": "in(c3) or in(ab)",
+    "chain2": "not in(chain) and in(new)",
+}
+DEPS = {"trait": ["c3"], "score": ["inactive"], "chain": ["c3", "ab"],
+        "chain2": ["chain", "new", "c3", "ab"]}
+
+USERS = [0, 1, 2, 7, "ann", "bob"]
+# Skewed choices so that a few users get many events: thresholds are reached and windows fill.
+HOT_USERS = [0, 0, 0, 0, "ann", "ann", 1] + USERS
+EVENTS = ["buy", "buy", "buy", "view", "view", "view", "cart", "ticket", "other"]
+PROPS = {
+    "buy": {"amount": [0.5, 1, 2.5, 3, 4.25, 9, None], "cid": ["x", "y", None]},
+    "view": {"cat": ["a", "b", "c", "d", None]},
+    "cart": {"cid": ["x", "y", None]},
+}
+
+
+@st.composite
+def events(draw):
+    ev = draw(st.sampled_from(EVENTS))
+    props = {}
+    for name, choices in PROPS.get(ev, {}).items():
+        v = draw(st.sampled_from(choices))
+        if v is not None or draw(st.booleans()):
+            props[name] = v
+    dt = draw(st.one_of(st.integers(0, 12), st.integers(-45, 45)))
+    return draw(st.sampled_from(HOT_USERS)), ev, dt, props
+
+
+ops = st.one_of(
+    st.tuples(st.just("track"), events()),
+    st.tuples(st.just("batch"), st.lists(events(), min_size=1, max_size=12)),
+    st.tuples(st.just("advance"), st.integers(0, 70)),
+    st.tuples(st.just("traits"), st.sampled_from(HOT_USERS),
+              st.fixed_dictionaries({}, optional={
+                  "country": st.sampled_from(["SE", "NO", "DK", "US", None]),
+                  "age": st.sampled_from([17, 18, 25, 30, 31, None])})),
+    st.tuples(st.just("scores"), st.sampled_from(HOT_USERS),
+              st.fixed_dictionaries({"churn": st.sampled_from([0.1, 0.5, 0.9, 2.5, None])})),
+)
+
+
+def _rules(names):
+    need = set(names)
+    for n in names:
+        need.update(DEPS.get(n, []))
+    return {n: RULES[n] for n in RULES if n in need}
+
+
+def _check_same(a, b, ta, tb, what):
+    assert list(ta) == list(tb), f"transitions differ after {what}"
+    for name in a.segments:
+        assert a.members(name) == b.members(name), f"members of {name} differ after {what}"
+    assert a.now == b.now
+
+
+def _run(engines, op, state):
+    kind = op[0]
+    outs = []
+    for eng in engines:
+        if kind == "track":
+            user, ev, dt, props = op[1]
+            outs.append(eng.track(user, ev, ts=max(0, state["now"] + dt), props=props))
+        elif kind == "batch":
+            rows = op[1]
+            now = state["now"]
+            ts = np.array([max(0, now + dt) for _, _, dt, _ in rows], dtype=np.int64)
+            users = np.empty(len(rows), dtype=object)
+            users[:] = [r[0] for r in rows]
+            names = sorted({k for r in rows for k in r[3]})
+            props = {}
+            for k in names:
+                col = np.empty(len(rows), dtype=object)
+                col[:] = [r[3].get(k) for r in rows]
+                props[k] = col
+            outs.append(eng.track_many(user=users, event=np.array([r[1] for r in rows]),
+                                       ts=ts, props=props))
+        elif kind == "advance":
+            outs.append(eng.advance(state["now"] + op[1]))
+        elif kind == "traits":
+            outs.append(eng.set_traits(op[1], op[2]))
+        else:
+            outs.append(eng.set_scores(op[1], op[2]))
+    return outs
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(sorted(RULES)), min_size=1, max_size=8, unique=True),
+       st.lists(ops, min_size=1, max_size=40), st.integers(0, 3))
+def test_kernel_matches_reference(names, script, seed):
+    rules = _rules(names)
+    a = segcore.Engine(seed=seed)
+    b = segcore_ref.RefEngine(seed=seed)
+    ta, tb = a.add_segments(rules), b.add_segments(rules)
+    _check_same(a, b, ta, tb, "add_segments")
+    state = {"now": 100}
+    a.advance(100), b.advance(100)
+    for i, op in enumerate(script):
+        ta, tb = _run((a, b), op, state)
+        _check_same(a, b, ta, tb, f"step {i}: {op}")
+        state["now"] = a.now
+    # finally let time run out: every window expires, every timer fires
+    ta, tb = a.advance(a.now + 10_000), b.advance(b.now + 10_000)
+    _check_same(a, b, ta, tb, "final advance")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(events(), min_size=1, max_size=40), st.integers(0, 1))
+def test_batch_equals_one_by_one(rows, seed):
+    """track_many(batch) is exactly tracking its rows one by one, in order."""
+    rules = _rules(sorted(RULES))
+    one = segcore.Engine(seed=seed)
+    many = segcore.Engine(seed=seed)
+    one.add_segments(rules)
+    many.add_segments(rules)
+    now = 100
+    singles = []
+    tss = []
+    for user, ev, dt, props in rows:
+        now = max(now, 100 + dt * 3)
+        tss.append(max(0, 100 + dt * 3))
+        singles.extend(one.track(user, ev, ts=tss[-1], props=props))
+    users = np.empty(len(rows), dtype=object)
+    users[:] = [r[0] for r in rows]
+    props = {}
+    for k in sorted({k for r in rows for k in r[3]}):
+        col = np.empty(len(rows), dtype=object)
+        col[:] = [r[3].get(k) for r in rows]
+        props[k] = col
+    batch = many.track_many(user=users, event=[r[1] for r in rows],
+                            ts=np.array(tss, dtype=np.int64), props=props)
+    assert list(batch) == singles
+    for name in rules:
+        assert one.members(name) == many.members(name)
+
+
+def _bulk_stream(rng, n_events):
+    """A denser stream than the op-by-op strategy: 12 users, all event types, ~10 % late."""
+    users = np.array([0, 1, 2, 3, 4, 5, 6, 7, "ann", "bob", "cy", "di"], dtype=object)
+    ev_names = np.array(["buy", "view", "cart", "ticket", "other"])
+    u = users[rng.integers(0, len(users), n_events)]
+    e = ev_names[rng.choice(5, n_events, p=[0.3, 0.35, 0.15, 0.1, 0.1])]
+    steps = rng.integers(0, 6, n_events)
+    ts = 100 + np.cumsum(steps)
+    late = rng.random(n_events) < 0.1
+    ts = np.where(late, np.maximum(0, ts - rng.integers(1, 60, n_events)), ts).astype(np.int64)
+    amount = np.empty(n_events, dtype=object)
+    amount[:] = rng.choice([0.5, 1.0, 2.5, 3.0, 4.25, 9.0, None], n_events).tolist()
+    cat = np.empty(n_events, dtype=object)
+    cat[:] = rng.choice(["a", "b", "c", "d", None], n_events).tolist()
+    cid = np.empty(n_events, dtype=object)
+    cid[:] = rng.choice(["x", "y", "z", None], n_events).tolist()
+    return u, e, ts, {"amount": amount, "cat": cat, "cid": cid}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_bulk_stream_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    a = segcore.Engine(seed=seed % 5)
+    b = segcore_ref.RefEngine(seed=seed % 5)
+    _check_same(a, b, a.add_segments(RULES), b.add_segments(RULES), "add_segments")
+    for user, country in [(0, "SE"), (1, "SE"), ("ann", "NO"), (3, "US")]:
+        _check_same(a, b, a.set_traits(user, {"country": country, "age": 20}),
+                    b.set_traits(user, {"country": country, "age": 20}), "traits")
+    u, e, ts, props = _bulk_stream(rng, 600)
+    i = 0
+    while i < len(u):
+        k = int(rng.integers(1, 80))
+        sl = slice(i, i + k)
+        ta = a.track_many(user=u[sl], event=e[sl], ts=ts[sl],
+                          props={p: c[sl] for p, c in props.items()})
+        tb = b.track_many(user=u[sl], event=e[sl], ts=ts[sl],
+                          props={p: c[sl] for p, c in props.items()})
+        _check_same(a, b, ta, tb, f"batch at row {i}")
+        if rng.random() < 0.3:
+            t = a.now + int(rng.integers(0, 50))
+            _check_same(a, b, a.advance(t), b.advance(t), f"advance to {t}")
+        if rng.random() < 0.2:
+            user = u[int(rng.integers(0, len(u)))]
+            sc = {"churn": float(rng.choice([0.1, 0.6, 3.0]))}
+            _check_same(a, b, a.set_scores(user, sc), b.set_scores(user, sc), "scores")
+        i += k
+    _check_same(a, b, a.advance(a.now + 1_000), b.advance(b.now + 1_000), "final advance")

@@ -1,0 +1,483 @@
+"""Exact semantics (docs/semantics.md), pinned edge by edge, on both engines."""
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+import segcore
+from segcore import EventError, RuleError, Transition
+
+H = 3_600_000
+D = 24 * H
+
+
+def T(user, seg, entered, ts):
+    return Transition(user, seg, entered, ts)
+
+
+def members(eng, name):
+    return sorted(eng.members(name))
+
+
+# ------------------------------------------------------------------ the README story
+def test_three_purchases_enter_and_time_alone_exits(make_engine):
+    eng = make_engine()
+    eng.add_segment("frequent_buyers", "count(purchase, 90d) >= 3")
+    assert eng.track(42, "purchase", ts=1 * D) == []
+    assert eng.track(42, "purchase", ts=2 * D) == []
+    assert eng.track(42, "purchase", ts=3 * D) == [T(42, "frequent_buyers", True, 3 * D)]
+    assert members(eng, "frequent_buyers") == [42]
+    # the first of the three leaves the window exactly 90 days after it happened
+    assert list(eng.advance(91 * D - 1)) == []
+    assert members(eng, "frequent_buyers") == [42]
+    assert list(eng.advance(91 * D)) == [T(42, "frequent_buyers", False, 91 * D)]
+    assert members(eng, "frequent_buyers") == []
+
+
+# ------------------------------------------------------------------ windows
+def test_event_exactly_w_old_is_out(make_engine):
+    eng = make_engine()
+    eng.add_segment("recent", "did(ping, 10ms)")
+    assert eng.track(1, "ping", ts=100) == [T(1, "recent", True, 100)]
+    assert list(eng.advance(109)) == []
+    assert eng.segments_of(1) == ["recent"]
+    assert list(eng.advance(110)) == [T(1, "recent", False, 110)]
+    assert eng.segments_of(1) == []
+
+
+def test_exit_discovered_by_a_later_event_has_the_boundary_ts(make_engine):
+    eng = make_engine()
+    eng.add_segment("recent", "did(ping, 10ms)")
+    eng.track(1, "ping", ts=100)
+    # user 2's event at 500 moves time; user 1's exit is reported at its own instant, first
+    assert eng.track(2, "other", ts=500) == [T(1, "recent", False, 110)]
+
+
+def test_late_event_inside_window_counts_from_now(make_engine):
+    eng = make_engine()
+    eng.add_segment("recent", "did(ping, 10ms)")
+    eng.advance(1000)
+    assert eng.track(1, "ping", ts=995) == [T(1, "recent", True, 1000)]
+    assert list(eng.advance(1005)) == [T(1, "recent", False, 1005)]
+
+
+def test_late_event_older_than_window_counts_all_time_only(make_engine):
+    eng = make_engine()
+    eng.add_segments({"recent": "did(ping, 10ms)", "ever": "count(ping) >= 1"})
+    eng.advance(1000)
+    assert eng.track(1, "ping", ts=990) == [T(1, "ever", True, 1000)]
+    assert eng.segments_of(1) == ["ever"]
+
+
+def test_equal_timestamps_count_separately(make_engine):
+    eng = make_engine()
+    eng.add_segment("two", "count(x, 5ms) >= 2")
+    assert eng.track(1, "x", ts=10) == []
+    assert eng.track(1, "x", ts=10) == [T(1, "two", True, 10)]
+    assert list(eng.advance(15)) == [T(1, "two", False, 15)]
+
+
+def test_count_equality_enters_and_leaves(make_engine):
+    eng = make_engine()
+    eng.add_segment("exactly2", "count(x, 100ms) == 2")
+    eng.track(1, "x", ts=0)
+    assert eng.track(1, "x", ts=10) == [T(1, "exactly2", True, 10)]
+    assert eng.track(1, "x", ts=20) == [T(1, "exactly2", False, 20)]
+    # at 100 the first drops out: two left in the window
+    assert list(eng.advance(100)) == [T(1, "exactly2", True, 100)]
+    assert list(eng.advance(110)) == [T(1, "exactly2", False, 110)]
+
+
+def test_where_filters_events(make_engine):
+    eng = make_engine()
+    eng.add_segment("shoe_fans", 'count(product_view where category == "shoes", 7d) >= 2')
+    eng.track(1, "product_view", ts=1, props={"category": "shoes"})
+    assert eng.track(1, "product_view", ts=2, props={"category": "hats"}) == []
+    assert eng.track(1, "product_view", ts=3) == []
+    assert eng.track(1, "product_view", ts=4, props={"category": "shoes"}) == [
+        T(1, "shoe_fans", True, 4)]
+
+
+def test_windowed_sum_and_avg(make_engine):
+    eng = make_engine()
+    eng.add_segments({"big": "sum(purchase.amount, 1h) > 100",
+                      "avg": "avg(purchase.amount, 1h) >= 60"})
+    assert eng.track(1, "purchase", ts=0, props={"amount": 70}) == [T(1, "avg", True, 0)]
+    assert eng.track(1, "purchase", ts=10, props={"amount": 40}) == [
+        T(1, "big", True, 10), T(1, "avg", False, 10)]
+    # amount-less purchases are skipped by sum/avg
+    assert eng.track(1, "purchase", ts=20) == []
+    assert list(eng.advance(H)) == [T(1, "big", False, H)]
+
+
+def test_all_time_sum_min_max_avg_and_missing(make_engine):
+    eng = make_engine()
+    eng.add_segments({"ltv": "sum(purchase.amount) >= 500",
+                      "cheap": "min(purchase.amount) < 5",
+                      "no_avg": "not (avg(purchase.amount) >= 0)"})
+    # a user with traits only: avg of nothing is missing, so the test is false and `not` is true
+    assert eng.set_traits(9, {"x": 1}) == [T(9, "no_avg", True, 0)]
+    assert eng.track(9, "purchase", ts=1, props={"amount": 499.5}) == [
+        T(9, "no_avg", False, 1)]
+    assert eng.track(9, "purchase", ts=2, props={"amount": 0.5}) == [
+        T(9, "ltv", True, 2), T(9, "cheap", True, 2)]
+
+
+def test_distinct_counts_numbers_by_value(make_engine):
+    eng = make_engine()
+    eng.add_segment("varied", "distinct(view.item) >= 3")
+    eng.track(1, "view", ts=1, props={"item": 1})
+    eng.track(1, "view", ts=2, props={"item": 1.0})
+    eng.track(1, "view", ts=3, props={"item": "1"})
+    assert eng.segments_of(1) == []
+    assert eng.track(1, "view", ts=4, props={"item": "b"}) == [T(1, "varied", True, 4)]
+
+
+# ------------------------------------------------------------------ time tests
+def test_new_users_leave_one_ms_after_seven_days(make_engine):
+    eng = make_engine()
+    eng.add_segment("new_users", "first_seen >= now - 7d")
+    assert eng.track(5, "signup", ts=1000) == [T(5, "new_users", True, 1000)]
+    assert list(eng.advance(1000 + 7 * D)) == []
+    assert list(eng.advance(1000 + 7 * D + 1)) == [T(5, "new_users", False, 1000 + 7 * D + 1)]
+
+
+def test_age_of_last_event(make_engine):
+    eng = make_engine()
+    eng.add_segment("lapsed", "now - last(purchase) > 30d")
+    eng.track(1, "purchase", ts=0)
+    assert list(eng.advance(30 * D)) == []
+    assert list(eng.advance(30 * D + 5)) == [T(1, "lapsed", True, 30 * D + 1)]
+    # a late purchase that is older changes nothing; a newer one brings the user back
+    assert eng.track(1, "purchase", ts=1) == []
+    assert eng.track(1, "purchase", ts=20 * D) == [T(1, "lapsed", False, 30 * D + 5)]
+
+
+def test_inactive_is_true_for_users_without_events(make_engine):
+    eng = make_engine()
+    eng.add_segments({"inactive": "inactive(30d)", "lapsed": "seen and inactive(30d)"})
+    assert eng.set_traits(1, {"a": 1}) == [T(1, "inactive", True, 0)]
+    assert eng.track(1, "open", ts=10) == [T(1, "inactive", False, 10)]
+    assert list(eng.advance(10 + 30 * D)) == [T(1, "inactive", True, 10 + 30 * D),
+                                              T(1, "lapsed", True, 10 + 30 * D)]
+
+
+# ------------------------------------------------------------------ anchored absence
+def test_cart_abandoner_enters_exactly_one_hour_after(make_engine):
+    eng = make_engine()
+    eng.add_segment("cart", "abandoned(add_to_cart, purchase, 1h)")
+    eng.track(1, "add_to_cart", ts=1000)
+    assert list(eng.advance(1000 + H - 1)) == []
+    assert list(eng.advance(1000 + H)) == [T(1, "cart", True, 1000 + H)]
+    # a purchase before the cart does not count; one at or after it does
+    assert eng.track(1, "purchase", ts=999) == []
+    assert eng.track(1, "purchase", ts=1000) == [T(1, "cart", False, 1000 + H)]
+
+
+def test_new_add_to_cart_restarts_the_hour(make_engine):
+    eng = make_engine()
+    eng.add_segment("cart", "abandoned(add_to_cart, purchase, 1h)")
+    eng.track(1, "add_to_cart", ts=0)
+    eng.track(1, "purchase", ts=10)
+    eng.track(1, "add_to_cart", ts=20)
+    assert list(eng.advance(2 * H)) == [T(1, "cart", True, 20 + H)]
+
+
+def test_abandoned_by_key_matches_purchases_per_cart(make_engine):
+    eng = make_engine()
+    eng.add_segment("cart", "abandoned(add_to_cart, purchase, 1h) by cart_id")
+    eng.track(1, "add_to_cart", ts=0, props={"cart_id": "a"})
+    eng.track(1, "add_to_cart", ts=5, props={"cart_id": "b"})
+    eng.track(1, "purchase", ts=10, props={"cart_id": "a"})
+    eng.track(1, "purchase", ts=11)              # no key: ignored by the keyed test
+    assert list(eng.advance(H + 5)) == [T(1, "cart", True, H + 5)]
+    assert eng.track(1, "purchase", ts=H + 6, props={"cart_id": "b"}) == [
+        T(1, "cart", False, H + 6)]
+
+
+# ------------------------------------------------------------------ traits, scores, refs
+def test_trait_only_user_is_in_segments_that_hold_without_events(make_engine):
+    eng = make_engine()
+    eng.add_segments({"se": 'trait.country == "SE"', "none": "count(x) == 0",
+                      "seen": "seen", "se_buyers": 'trait.country == "SE" and did(x)'})
+    out = eng.set_traits("anna", {"country": "SE"})
+    assert out == [T("anna", "se", True, 0), T("anna", "none", True, 0)]
+    assert eng.set_traits("anna", {"country": None}) == [T("anna", "se", False, 0)]
+
+
+def test_trait_operators(make_engine):
+    eng = make_engine()
+    eng.add_segments({
+        "adult": "trait.age >= 18", "nordic": 'trait.country in ["SE", "NO"]',
+        "not_nordic": 'trait.country not in ["SE", "NO"]', "mid": "trait.age between 20 and 30",
+        "gmail": 'trait.email contains "@gmail."', "a_name": 'trait.name startswith "A"',
+        "code": 'trait.code matches "^[0-9]{3}$"', "has_email": "trait.email exists",
+        "not_adult": "not (trait.age >= 18)"})
+    eng.set_traits(1, {"age": 25, "country": "SE", "email": "x@gmail.com", "name": "Ada",
+                       "code": "123"})
+    assert eng.segments_of(1) == ["adult", "nordic", "mid", "gmail", "a_name", "code",
+                                  "has_email"]
+    # mistyped values: comparisons are false, `not` is plain negation, and `not in` holds
+    # for any present value that equals no item
+    eng.set_traits(2, {"age": "old", "country": 5})
+    assert eng.segments_of(2) == ["not_nordic", "not_adult"]
+    # missing values: every test is false
+    eng.set_traits(3, {"zzz": 1})
+    assert eng.segments_of(3) == ["not_adult"]
+
+
+def test_scores_and_references(make_engine):
+    eng = make_engine()
+    eng.add_segments({"high_ltv": "sum(purchase.amount) >= 500",
+                      "churn_risk": "score.churn >= 0.7 and in(high_ltv)"})
+    eng.track(1, "purchase", ts=5, props={"amount": 800})
+    assert eng.set_scores(1, {"churn": 0.81}) == [T(1, "churn_risk", True, 5)]
+    assert eng.set_scores(1, {"churn": None}) == [T(1, "churn_risk", False, 5)]
+
+
+def test_referenced_segment_flips_first_at_the_same_instant(make_engine):
+    eng = make_engine()
+    # `both` is defined first but depends on `recent`, so `recent` is evaluated first
+    eng.add_segments({"both": "in(recent) and seen", "recent": "did(x, 10ms)"})
+    assert eng.track(1, "x", ts=0) == [T(1, "recent", True, 0), T(1, "both", True, 0)]
+    assert list(eng.advance(10)) == [T(1, "recent", False, 10), T(1, "both", False, 10)]
+
+
+def test_bucket_uses_the_salted_stable_hash(make_engine):
+    eng = make_engine(seed=3)
+    eng.add_segment("holdout", "bucket(0, 999)")
+    ids = list(range(200)) + ["u%d" % i for i in range(50)]
+    for u in ids:
+        eng.set_traits(u, {"k": 1})
+    expected = sorted(eng.user_number(u) for u in ids if segcore.bucket_of(u, 3) <= 999)
+    assert members(eng, "holdout") == expected
+    assert 0 < len(expected) < len(ids)
+
+
+# ------------------------------------------------------------------ ordering, batches
+def test_time_driven_transitions_order_by_time_then_user(make_engine):
+    eng = make_engine()
+    eng.add_segment("recent", "did(x, 10ms)")
+    eng.track(2, "x", ts=0)
+    eng.track(1, "x", ts=0)
+    eng.track(3, "x", ts=5)
+    assert list(eng.advance(100)) == [T(2, "recent", False, 10), T(1, "recent", False, 10),
+                                      T(3, "recent", False, 15)]
+
+
+def test_batch_user_enters_and_leaves_within_one_batch(make_engine):
+    eng = make_engine()
+    eng.add_segment("recent", "did(x, 10ms)")
+    out = eng.track_many(user=np.array([1, 2]), event=np.array(["x", "y"]),
+                         ts=np.array([0, 50]))
+    assert list(out) == [T(1, "recent", True, 0), T(1, "recent", False, 10)]
+    assert members(eng, "recent") == []
+
+
+def test_track_many_accepts_event_codes_and_datetime64(make_engine):
+    eng = make_engine()
+    eng.add_segment("two", "count(x) >= 2")
+    if not hasattr(eng, "event_code"):
+        pytest.fail("engine lacks event_code")
+    code = eng.event_code("x")
+    ts = np.array(["2026-01-01T00:00:00", "2026-01-01T00:00:01"], dtype="datetime64[ms]")
+    out = eng.track_many(user=np.array([3, 3]), event=np.array([code, code]), ts=ts)
+    assert list(out) == [T(3, "two", True, int(ts[1].astype(np.int64)))]
+
+
+def test_datetime_timestamps(make_engine):
+    eng = make_engine()
+    eng.add_segment("any", "seen")
+    when = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
+    out = eng.track(1, "x", ts=when)
+    assert out == [T(1, "any", True, int(when.timestamp() * 1000))]
+    assert eng.now == int(when.timestamp() * 1000)
+
+
+def test_track_json(make_engine):
+    eng = make_engine()
+    eng.add_segment("big", "sum(purchase.amount) >= 10")
+    out = eng.track_json(b'[{"user": 1, "event": "purchase", "ts": 5, "props": {"amount": 6}},'
+                         b' {"user": "z", "event": "view", "ts": "1970-01-01T00:00:00.007Z"},'
+                         b' {"user": 1, "event": "purchase", "ts": 8, "props": {"amount": 4}}]')
+    assert list(out) == [T(1, "big", True, 8)]
+    assert eng.now == 8
+
+
+# ------------------------------------------------------------------ ids
+def test_string_ids_get_numbers_counting_down(make_engine):
+    eng = make_engine()
+    eng.add_segment("all", "seen")
+    eng.track("alice", "x", ts=1)
+    eng.track(5, "x", ts=2)
+    eng.track("bob", "x", ts=3)
+    assert eng.user_number("alice") == 2**32 - 1
+    assert eng.user_number("bob") == 2**32 - 2
+    assert eng.user_id(2**32 - 2) == "bob"
+    assert members(eng, "all") == [5, 2**32 - 2, 2**32 - 1]
+    with pytest.raises(EventError) as e:
+        eng.track(2**32 - 1, "x", ts=4)
+    assert e.value.field == "user"
+
+
+def test_duplicate_message_ids_are_ignored(make_engine):
+    eng = make_engine()
+    eng.add_segment("two", "count(x) >= 2")
+    eng.track(1, "x", ts=1, id="m1")
+    assert eng.track(1, "x", ts=2, id="m1") == []
+    assert eng.now == 1
+    assert eng.stats()["duplicates"] == 1
+    out = eng.track_many(user=[1, 1], event=["x", "x"], ts=[3, 4], id=["m1", "m2"])
+    assert list(out.duplicates) == [0]
+    assert list(out) == [T(1, "two", True, 4)]
+
+
+# ------------------------------------------------------------------ bad input
+def _snapshot_of(eng):
+    return (eng.now, eng.sizes(), {k: v for k, v in eng.stats().items()
+                                   if k in ("users", "events", "transitions")})
+
+
+@pytest.mark.parametrize("kwargs, field, index", [
+    (dict(user=[1, -1], event=["x", "x"], ts=[1, 2]), "user", 1),
+    (dict(user=[1, 2**32], event=["x", "x"], ts=[1, 2]), "user", 1),
+    (dict(user=[1, True], event=["x", "x"], ts=[1, 2]), "user", 1),
+    (dict(user=[1, 2.5], event=["x", "x"], ts=[1, 2]), "user", 1),
+    (dict(user=[1, 2], event=["x", ""], ts=[1, 2]), "event", 1),
+    (dict(user=[1, 2], event=["x", "x"], ts=[1, -5]), "ts", 1),
+    (dict(user=[1, 2], event=["x", "x"], ts=[1, 2**48]), "ts", 1),
+    (dict(user=[1, 2], event=["x", "x"], ts=[1]), "ts", None),
+    (dict(user=[1, 2], event=["purchase", "purchase"], ts=[1, 2],
+          props={"amount": np.array([5, "lots"], dtype=object)}), "props.amount", 1),
+])
+def test_bad_batch_is_rejected_whole(make_engine, kwargs, field, index):
+    eng = make_engine()
+    eng.add_segments({"ltv": "sum(purchase.amount) >= 1", "any": "seen"})
+    eng.track(7, "x", ts=0)
+    before = _snapshot_of(eng)
+    with pytest.raises(EventError) as e:
+        eng.track_many(**kwargs)
+    assert e.value.field == field
+    assert e.value.index == index
+    assert _snapshot_of(eng) == before
+
+
+def test_bad_single_events(make_engine):
+    eng = make_engine()
+    eng.add_segment("ltv", "sum(purchase.amount) >= 1")
+    for args, kwargs, field in [
+        ((None, "x"), dict(ts=1), "user"),
+        ((1, None), dict(ts=1), "event"),
+        ((1, "x"), dict(ts="yesterday"), "ts"),
+        ((1, "x"), dict(ts=1.5), "ts"),
+        ((1, "purchase"), dict(ts=1, props={"amount": "5"}), "props.amount"),
+        ((1, "x"), dict(ts=1, props={"nested": {"a": 1}}), "props.nested"),
+    ]:
+        with pytest.raises(EventError) as e:
+            eng.track(*args, **kwargs)
+        assert e.value.field == field, (args, kwargs)
+    assert eng.stats()["events"] == 0 and eng.stats()["users"] == 0
+
+
+def test_bad_json_reports_the_row(make_engine):
+    eng = make_engine()
+    eng.add_segment("any", "seen")
+    with pytest.raises(EventError) as e:
+        eng.track_json(b'[{"user": 1, "event": "x", "ts": 1}, {"user": 1, "event": "x"}]')
+    assert e.value.index == 1
+    with pytest.raises(EventError):
+        eng.track_json(b'[{"user": 1, "event": "x", "ts": 1}')
+    assert eng.stats()["events"] == 0
+
+
+def test_rule_errors_leave_segments_unchanged(make_engine):
+    eng = make_engine()
+    eng.add_segment("a", "seen")
+    with pytest.raises(RuleError) as e:
+        eng.add_segments({"b": "count(purchase, 90d) >= 3", "c": "cnt(x) > 1"})
+    assert e.value.segment == "c" and (e.value.line, e.value.column) == (1, 1)
+    assert "did you mean `count`" in str(e.value)
+    with pytest.raises(RuleError, match="already exists"):
+        eng.add_segment("a", "seen")
+    with pytest.raises(RuleError, match="cycle"):
+        eng.add_segments({"p": "in(q)", "q": "in(p)"})
+    with pytest.raises(RuleError, match="unknown segment `vipp`"):
+        eng.add_segment("d", "in(vipp)")
+    assert list(eng.segments) == ["a"]
+
+
+def test_clock_mode_rejects_far_future_and_advances_itself(make_engine):
+    now = [1000.0]
+    eng = make_engine(clock=lambda: now[0], max_future="5m")
+    eng.add_segment("recent", "did(x, 1m)")
+    eng.track(1, "x", ts=1000 * 1000)
+    with pytest.raises(EventError) as e:
+        eng.track(1, "x", ts=1000 * 1000 + 5 * 60_000 + 1)
+    assert e.value.field == "ts"
+    now[0] = 1000.0 + 61
+    # the next call first catches up with the clock, so the exit is seen
+    eng.set_traits(2, {"a": 1})
+    assert members(eng, "recent") == []
+    assert eng.now == 1_061_000
+
+
+# ------------------------------------------------------------------ callbacks, reads
+def test_callbacks_fire_and_errors_are_counted(make_engine):
+    eng = make_engine()
+    eng.add_segment("recent", "did(x, 10ms)")
+    seen = []
+
+    @eng.on_enter("recent")
+    def hello(t):
+        seen.append(("in", t.user, t.ts))
+
+    def boom(t):
+        raise RuntimeError("callback failure")
+
+    eng.on_exit("recent", boom)
+    eng.track(1, "x", ts=0)
+    eng.advance(100)
+    assert seen == [("in", 1, 0)]
+    assert eng.stats()["callback_errors"] == 1
+    assert eng.segments_of(1) == []
+
+
+def test_query_sizes_and_remove(make_engine):
+    eng = make_engine()
+    eng.add_segments({"a": "count(x) >= 1", "b": "count(y) >= 1"})
+    eng.track(1, "x", ts=1)
+    eng.track(2, "y", ts=1)
+    eng.track(3, "x", ts=1)
+    eng.track(3, "y", ts=1)
+    assert sorted(eng.query("a & b")) == [3]
+    assert sorted(eng.query("a - b | b & ~a")) == [1, 2]
+    assert sorted(eng.query("~(a | b)")) == []
+    assert eng.sizes() == {"a": 2, "b": 2}
+    with pytest.raises(RuleError, match="unknown segment `c`"):
+        eng.query("a & c")
+    eng.remove_segment("b")
+    assert eng.sizes() == {"a": 2}
+    with pytest.raises(RuleError):
+        eng.size("b")
+
+
+def test_add_segment_later_is_exact_from_shared_state(make_engine):
+    eng = make_engine()
+    eng.add_segment("fb", "count(purchase, 90d) >= 3")
+    for d in (1, 2, 3):
+        eng.track(1, "purchase", ts=d * D)
+    # the same counter with a smaller threshold: back-filled from the kept state
+    out = eng.add_segment("fb2", "count(purchase, 90d) >= 2")
+    assert list(out) == [T(1, "fb2", True, 3 * D)]
+    # trait segments added later see existing traits
+    eng.set_traits(1, {"country": "SE"})
+    assert list(eng.add_segment("se", 'trait.country == "SE" and in(fb)')) == [
+        T(1, "se", True, 3 * D)]
+
+
+def test_remove_referenced_segment_is_refused(make_engine):
+    eng = make_engine()
+    eng.add_segments({"a": "seen", "b": "in(a)"})
+    with pytest.raises(RuleError, match="referenced by `b`"):
+        eng.remove_segment("a")
