@@ -938,7 +938,8 @@ def from_json(data, *, segment: str | None = None):
             node = msgspec.convert(data, Cond)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         msg = str(e)
-        path = None
+        # msgspec names no path for a problem at the root; malformed JSON has none at all.
+        path = "$" if isinstance(e, msgspec.ValidationError) else None
         m = re.search(r" - at `(\$[^`]*)`$", msg)
         if m:
             path = m.group(1)

@@ -1,0 +1,911 @@
+"""segcore_ref: the naive pure-Python reference engine (the oracle of the differential tests).
+
+It keeps every accepted event of every user and evaluates each rule **from scratch** at a given
+instant; there is no incremental state besides the current membership of each user, which is
+only used to detect changes. It implements ``docs/semantics.md`` literally and has the same
+public API as the compiled :class:`segcore.Engine`, so one test suite runs on both.
+
+How time-driven transitions are found (the crux): between two consecutive instants at which
+some atom of some rule can change value, every rule is constant. Since every event has
+``ts <= now``, an atom can only change at
+
+* ``e.ts + W`` for an event ``e`` of type ``E`` and a window ``W`` of an aggregate over ``E``
+  (the event leaves that window: it was in for ``[ts, ts + W)``);
+* ``e.ts + W`` for any event and ``inactive(W)`` (true from ``last_seen + W``);
+* ``e.ts + T`` for an ``A`` event and ``abandoned(A, B, T)`` (true from ``latest A + T``);
+* ``X - 1, X, X + 1`` for every comparison with ``now``, where ``X`` is the instant at which the
+  comparison, a linear function of ``now`` with slope +-1, crosses zero (computed exactly by
+  evaluating both sides at ``now = 0`` and ``now = 1``).
+
+These are a user's *candidate instants*. When time moves from ``n0`` to ``n1``, each user is
+evaluated from scratch at each of its candidates in ``(n0, n1]`` in ascending order (all
+segments, in evaluation order, so ``in()`` sees the same instant), and a transition is emitted
+wherever a membership differs from the previous one.
+
+Paranoid mode (environment ``SEGCORE_REF_PARANOID=1``, or the module globals ``PARANOID`` /
+``PLUS_ONE``) also evaluates at ``e.ts + D + 1``, re-evaluates every user at ``n1`` and asserts
+that the candidates missed nothing. Advancing 1 ms at a time in paranoid mode is therefore a
+brute-force check of the candidate logic, and gives exactly the transitions of one jump.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as _dt
+import difflib
+import logging
+import math
+import os
+import re
+from typing import Any, Callable
+
+import msgspec
+import numpy as np
+from pyroaring import BitMap
+
+from segcore import rules as R
+from segcore.errors import EventError, RuleError
+from segcore.hashing import bucket_of
+
+from . import _query
+from ._eval import MISSING, Event, Evaluator, has_now, is_num, walk
+
+try:                                    # the lead unifies the type later
+    from segcore.engine import Transition  # type: ignore[attr-defined]
+except Exception:                       # pragma: no cover - depends on the other work stream
+    class Transition(msgspec.Struct, frozen=True):
+        """One change of membership: ``user`` (the id as given) entered or left ``segment`` at
+        instant ``ts`` (ms)."""
+        user: int | str
+        segment: str
+        entered: bool
+        ts: int
+
+__all__ = ["RefEngine", "Transition", "TransitionList"]
+
+log = logging.getLogger("segcore_ref")
+
+PARANOID = os.environ.get("SEGCORE_REF_PARANOID", "") not in ("", "0")
+#: Also evaluate at ``ts + D + 1`` (never needed: every flip is at ``ts + D`` or at a ``now``
+#: comparison's own instant; on by default in paranoid mode only).
+PLUS_ONE = PARANOID
+
+_MAX_USER = 2 ** 32
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_ONE_MS = _dt.timedelta(milliseconds=1)
+_NUMERIC_FNS = ("sum", "avg", "min", "max")
+_JSON_KEYS = ("user", "event", "ts", "props", "id")
+
+
+class TransitionList(list):
+    """A list of :class:`Transition` with ``duplicates``: the row indices of a batch that were
+    ignored as duplicate ids (always empty for calls without ids)."""
+
+    def __init__(self, items=(), duplicates=()):
+        super().__init__(items)
+        self.duplicates = list(duplicates)
+
+
+class _User:
+    """Everything known about one user: every accepted event, traits, scores, and the current
+    membership (segment name -> bool) used to detect changes."""
+
+    __slots__ = ("uid", "number", "order", "events", "by_type", "traits", "scores", "memb",
+                 "bucket", "cand_key", "cand_ev", "cand_now", "due", "due_key")
+
+    def __init__(self, uid, number: int, order: int, seed: int):
+        self.uid = uid                  # the id as given (int or str)
+        self.number = number            # public uint32 number (bitmaps hold it)
+        self.order = order              # first appearance to the engine
+        self.events: list[Event] = []   # arrival order
+        self.by_type: dict[str, list[Event]] = {}
+        self.traits: dict[str, Any] = {}
+        self.scores: dict[str, Any] = {}
+        self.memb: dict[str, bool] = {}
+        self.bucket = bucket_of(uid, seed)
+        self.cand_key = None                 # (events covered, rules version)
+        self.cand_ev: list[int] = []
+        self.cand_now: list[int] = []
+        self.due = 0                         # first candidate instant after now ...
+        self.due_key = None                  # ... valid for (events, rules version)
+
+
+class _Row(msgspec.Struct):
+    """One validated event row (ts None means "now" at the time the row is applied)."""
+    user: Any
+    event: str
+    ts: Any
+    props: dict
+    id: Any
+
+
+# --------------------------------------------------------------------------- input checks
+def _scalar(v):
+    """numpy scalars -> Python objects (datetime64 is handled by :func:`_ts`)."""
+    if isinstance(v, np.generic) and not isinstance(v, np.datetime64):
+        return v.item()
+    return v
+
+
+def _check_user(u, index):
+    u = _scalar(u)
+    if isinstance(u, bool) or not isinstance(u, (int, str)):
+        raise EventError(f"a user id must be an int in [0, 2**32) or a non-empty string, got "
+                         f"{type(u).__name__}", index=index, field="user")
+    if isinstance(u, int) and not 0 <= u < _MAX_USER:
+        raise EventError(f"user id {u} is out of range (ints must be in [0, 2**32))",
+                         index=index, field="user")
+    if isinstance(u, str) and not u:
+        raise EventError("a user id must not be an empty string", index=index, field="user")
+    return u
+
+
+def _ts(ts, index, field="ts", iso: bool = False) -> int:
+    """An instant in ms: an int in [0, 2**48), a datetime (naive = UTC), a numpy datetime64, or
+    (only from JSON, ``iso=True``) an ISO 8601 string."""
+    if isinstance(ts, np.datetime64):
+        if np.isnat(ts):
+            raise EventError("the timestamp is NaT", index=index, field=field)
+        ts = int(ts.astype("datetime64[ms]").astype(np.int64))
+    ts = _scalar(ts)
+    if iso and isinstance(ts, str):
+        try:
+            ts = _dt.datetime.fromisoformat(ts)
+        except ValueError:
+            raise EventError(f"`{ts}` is not an ISO 8601 timestamp", index=index,
+                             field=field) from None
+    if isinstance(ts, _dt.datetime):
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=_dt.timezone.utc)
+        ts = (ts - _EPOCH) // _ONE_MS
+    elif isinstance(ts, bool) or not isinstance(ts, int):
+        raise EventError(f"a timestamp must be an int of ms since the epoch or a datetime, got "
+                         f"{type(ts).__name__}", index=index, field=field)
+    if not 0 <= ts < R.MAX_TIME_MS:
+        raise EventError(f"timestamp {ts} is out of range [0, 2**48)", index=index, field=field)
+    return ts
+
+
+def _prop_value(v):
+    """Normalise a property / trait value; None and NaN mean missing. Raises TypeError."""
+    v = _scalar(v)
+    if v is None:
+        return MISSING
+    if isinstance(v, float) and math.isnan(v):
+        return MISSING
+    # Plain types only from here on (the evaluator tests `type(v) is int` etc.).
+    if isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    if isinstance(v, str):
+        return str(v)
+    raise TypeError(type(v).__name__)
+
+
+def _column(col, name: str) -> list:
+    """A batch column as a list of Python objects."""
+    if isinstance(col, (str, bytes)) or not hasattr(col, "__len__"):
+        raise EventError(f"column `{name}` must be a sequence or an array, got "
+                         f"{type(col).__name__}", field=name)
+    if isinstance(col, np.ndarray):
+        if col.ndim != 1:
+            raise EventError(f"column `{name}` must be one-dimensional", field=name)
+        if col.dtype.kind == "M":
+            return list(col)            # keep datetime64 scalars (NaT detectable)
+        return col.tolist()
+    return list(col)
+
+
+class RefEngine:
+    """The naive reference engine: every event kept, every rule evaluated from scratch.
+
+    Same public API and semantics (``docs/semantics.md``) as :class:`segcore.Engine`; use it as
+    the oracle of differential tests, never in production.
+
+    Parameters
+    ----------
+    clock : callable, optional
+        Returns wall time in **seconds** (like :func:`time.time`). When given, every public call
+        first advances the engine to ``int(clock() * 1000)``, and events with
+        ``ts > clock_ms + max_future`` are rejected with :class:`~segcore.EventError`.
+    max_future : str or int, default "5m"
+        How far ahead of the clock an event may be (only with ``clock``).
+    seed : int, default 0
+        Salt of ``bucket(lo, hi)`` (see :func:`segcore.hashing.bucket_of`).
+    dedup_horizon : str or int, default "1d"
+        A repeated message id whose first sighting was at most this long ago (engine time) is
+        a duplicate.
+    event_types : collection of str, optional
+        When given, the only event types rules may use and events may have.
+
+    Attributes
+    ----------
+    now : int
+        The event-time watermark (ms); never moves backwards.
+    segments : dict
+        Segment name -> rule text, in definition order.
+
+    Notes
+    -----
+    Decisions taken where ``docs/semantics.md`` is silent:
+
+    * A message id's first sighting is recorded at the engine time *after* the event moved
+      time (``max(now, ts)``); a repeat is a duplicate iff ``now - first_sighting <=
+      dedup_horizon`` with ``now`` taken before the repeat is applied. An expired id counts as
+      new and its sighting time is reset. A duplicate row mentions no user (no number given).
+    * Bools are not numbers: they never compare with numbers, are skipped by sum/avg/min/max,
+      and in ``distinct`` / ``by KEY`` are a kind of their own.
+    * ``x not in [..]`` is true iff ``x`` is present and equals none of the items (so a string
+      is ``not in [1, 2]``).
+    * Transitions carry the user id as given (int or str). Callbacks fire after the whole call.
+    * ``add_segments`` orders its transitions by user, then segment evaluation order.
+    * With a clock, the clock is read once per call; the call is validated before time moves.
+
+    Examples
+    --------
+    >>> eng = RefEngine()
+    >>> eng.add_segment("fb", "count(purchase, 90d) >= 2")
+    []
+    >>> eng.track(1, "purchase", ts=1000)
+    []
+    >>> eng.track(1, "purchase", ts=2000)
+    [Transition(user=1, segment='fb', entered=True, ts=2000)]
+    >>> eng.advance(1000 + 90 * 86_400_000)
+    [Transition(user=1, segment='fb', entered=False, ts=7776001000)]
+    """
+
+    def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
+                 dedup_horizon="1d", event_types=None):
+        self._clock = clock
+        self._max_future = R.parse_duration(max_future)
+        self._seed = int(seed)
+        self._horizon = R.parse_duration(dedup_horizon)
+        self._event_types = frozenset(event_types) if event_types is not None else None
+        self._now = 0
+        self._users: dict[int, _User] = {}          # public number -> user, first appearance order
+        self._str_numbers: dict[str, int] = {}       # string id -> public number
+        self._number_str: dict[int, str] = {}        # public number -> string id
+        self._next_str = _MAX_USER - 1               # next number for a string (counting down)
+        self._ids: dict[Any, int] = {}               # message id -> engine time of first sighting
+        self._arrival = 0
+        # segments
+        self._ast: dict[str, Any] = {}               # definition order
+        self._text: dict[str, str] = {}
+        self._refs: dict[str, list[str]] = {}
+        self._topo: list[str] = []
+        self._rules_version = 0
+        self._durations: dict[str | None, tuple[int, ...]] = {}
+        self._now_cmps: list = []
+        self._now_ids: set[int] = set()
+        self._numeric: dict[str, dict[str, str]] = {}   # event -> prop -> segment needing numbers
+        self._on: dict[tuple[str, bool], list[Callable]] = {}
+        self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0}
+
+    # ================================================================== time
+    def _clock_ms(self) -> int | None:
+        return None if self._clock is None else int(self._clock() * 1000)
+
+    def _sync(self, clock_ms: int | None) -> list:
+        return [] if clock_ms is None else self._move_time(clock_ms)
+
+    def _candidates(self, user: _User) -> tuple[list[int], list[int]]:
+        """Instants at which some rule may flip for ``user`` (see the module docstring), as two
+        sorted lists: those derived from each event's ts (maintained incrementally as events
+        arrive, rebuilt when the rules change) and the flip instants of the comparisons with
+        ``now`` (recomputed when the user's events change)."""
+        if user.cand_key is None or user.cand_key[1] != self._rules_version:
+            user.cand_ev = []
+            user.cand_key = (0, self._rules_version)
+        n_done = user.cand_key[0]
+        if n_done != len(user.events):
+            every = self._durations.get(None, ())
+            for e in user.events[n_done:]:
+                for d in every + self._durations.get(e.type, ()):
+                    for c in ((e.ts + d, e.ts + d + 1) if PLUS_ONE else (e.ts + d,)):
+                        i = bisect.bisect_left(user.cand_ev, c)
+                        if i == len(user.cand_ev) or user.cand_ev[i] != c:
+                            user.cand_ev.insert(i, c)
+            flips = set()
+            for node in self._now_cmps:
+                x = self._now_flip(node, user)
+                if x is not None:
+                    flips.update((x - 1, x, x + 1))
+            user.cand_now = sorted(flips)
+            user.cand_key = (len(user.events), self._rules_version)
+        return user.cand_ev, user.cand_now
+
+    def _now_flip(self, node, user: _User) -> int | None:
+        """The instant X at which comparison ``node`` (linear in now, slope +-1) crosses zero,
+        or None when a term is missing (then it is false at every instant)."""
+        f = []
+        for t in (0, 1):
+            ev = Evaluator(user, t, {}, user.bucket)
+            a = ev.value(node.left, exact=True)
+            b = ev.value(node.right, exact=True)
+            if a is MISSING or b is MISSING:
+                return None
+            f.append(a - b)
+        slope = f[1] - f[0]
+        if slope == 0:                     # cannot happen for a validated rule
+            return None
+        return -f[0] * slope               # f0 + slope * X == 0 with slope = +-1
+
+    def _evaluate(self, user: _User, t: int) -> dict[str, bool]:
+        """Membership of ``user`` in every segment at instant ``t``, in evaluation order, so
+        that ``in(S)`` sees the membership of S at the same instant."""
+        memb: dict[str, bool] = {}
+        ev = Evaluator(user, t, memb, user.bucket, self._now_ids)
+        for name in self._topo:
+            memb[name] = bool(ev.cond(self._ast[name]))
+        return memb
+
+    def _move_time(self, n1: int) -> list:
+        """Move time to ``n1``; returns the time-driven transitions in (n0, n1], ordered by
+        (ts, user first appearance, segment evaluation order)."""
+        n0 = self._now
+        if n1 <= n0:
+            return []
+        found = []
+        topo_idx = {name: i for i, name in enumerate(self._topo)}
+        version = self._rules_version
+        for user in self._users.values():
+            # Shortcut: nothing can flip for this user before its next candidate instant.
+            if (not PARANOID and user.due_key == (len(user.events), version)
+                    and user.due > n1):
+                continue
+            in_range = set()
+            due = math.inf
+            for cands in self._candidates(user):
+                lo = bisect.bisect_right(cands, n0)
+                hi = bisect.bisect_right(cands, n1)
+                in_range.update(cands[lo:hi])
+                if hi < len(cands):
+                    due = min(due, cands[hi])
+            user.due, user.due_key = due, (len(user.events), version)
+            prev = user.memb
+            for c in sorted(in_range):
+                cur = self._evaluate(user, c)
+                for name in self._topo:
+                    if cur[name] != prev[name]:
+                        found.append((c, user.order, topo_idx[name],
+                                      Transition(user.uid, name, cur[name], c)))
+                prev = cur
+            if PARANOID:
+                check = self._evaluate(user, n1)
+                assert check == prev, (user.uid, n0, n1, prev, check)
+            user.memb = prev
+        self._now = n1
+        found.sort(key=lambda x: x[:3])
+        return [x[3] for x in found]
+
+    def _reevaluate(self, user: _User) -> list:
+        """Event-driven change of ``user``: evaluate at now, transitions with ts = now."""
+        cur = self._evaluate(user, self._now)
+        out = []
+        for name in self._topo:
+            before = user.memb.get(name, False)     # a brand-new user is in nothing
+            if cur[name] != before:
+                out.append(Transition(user.uid, name, cur[name], self._now))
+        user.memb = cur
+        return out
+
+    def _finish(self, transitions, duplicates=()) -> TransitionList:
+        """Count the transitions and fire the callbacks (after the call's state change)."""
+        self._stats["transitions"] += len(transitions)
+        for tr in transitions:
+            for fn in list(self._on.get((tr.segment, tr.entered), ())):
+                try:
+                    fn(tr)
+                except Exception:
+                    self._stats["callback_errors"] += 1
+                    log.exception("segcore_ref: %s callback for segment `%s` raised",
+                                  "on_enter" if tr.entered else "on_exit", tr.segment)
+        return TransitionList(transitions, duplicates)
+
+    # ================================================================== users
+    def _plan_numbers(self):
+        """A scratch numbering for validating a call without changing state."""
+        return {"str": {}, "num": {}, "int": set(), "next": self._next_str}
+
+    def _number(self, plan, u, index) -> int:
+        """Public number of user id ``u`` under ``plan`` (assigning one if new); raises
+        EventError on an int/string clash."""
+        if isinstance(u, str):
+            n = self._str_numbers.get(u)
+            if n is None:
+                n = plan["str"].get(u)
+            if n is None:
+                n = plan["next"]
+                # Never give a string a number already used by an int user.
+                while n >= 0 and (n in self._users or n in plan["int"]):
+                    n -= 1
+                if n < 0:
+                    raise EventError("no public user numbers left for string ids",
+                                     index=index, field="user")
+                plan["str"][u] = n
+                plan["num"][n] = u
+                plan["next"] = n - 1
+            return n
+        owner = self._number_str.get(u, plan["num"].get(u))
+        if owner is not None:
+            raise EventError(f"int user id {u} clashes with the public number of string user "
+                             f"id `{owner}`", index=index, field="user")
+        if u not in self._users:
+            plan["int"].add(u)
+        return u
+
+    def _commit_numbers(self, plan) -> None:
+        self._str_numbers.update(plan["str"])
+        self._number_str.update(plan["num"])
+        self._next_str = plan["next"]
+
+    def _user(self, uid, number: int) -> _User:
+        user = self._users.get(number)
+        if user is None:
+            user = _User(uid, number, len(self._users), self._seed)
+            self._users[number] = user
+        return user
+
+    def user_number(self, id) -> int:
+        """Public uint32 number of a user id (ints are themselves)."""
+        id = _scalar(id)
+        if isinstance(id, str):
+            if id not in self._str_numbers:
+                raise KeyError(id)
+            return self._str_numbers[id]
+        return _check_user(id, None)
+
+    def user_id(self, number: int):
+        """The user id (int or str) behind a public number."""
+        number = int(_scalar(number))
+        return self._number_str.get(number, number)
+
+    def _lookup(self, id) -> _User | None:
+        id = _scalar(id)
+        if isinstance(id, str):
+            n = self._str_numbers.get(id)
+            return None if n is None else self._users.get(n)
+        if isinstance(id, int) and not isinstance(id, bool):
+            return self._users.get(id)
+        return None
+
+    # ================================================================== segments
+    @property
+    def segments(self) -> dict[str, str]:
+        """Segment name -> rule text, in definition order."""
+        return dict(self._text)
+
+    def _check_name(self, name) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise RuleError(f"`{name}` is not a valid segment name (letters, digits and "
+                            "underscores, not starting with a digit)")
+        if name in self._ast:
+            raise RuleError(f"segment `{name}` already exists", segment=name)
+
+    def _compile(self, name: str, rule, known) -> tuple[Any, str]:
+        """Parse / validate one rule; returns (ast, text)."""
+        if isinstance(rule, str):
+            parsed = R.parse_full(rule, segment=name, segments=known,
+                                  event_types=self._event_types)
+            return parsed.ast, rule
+        try:
+            R.validate(rule, segment=name)
+        except RuleError:
+            raise
+        except Exception as e:                  # not an AST at all
+            raise RuleError(f"not a rule: {e}", segment=name) from None
+        for ref in R.references(rule):
+            if ref not in known:
+                close = difflib.get_close_matches(ref, list(known), n=1, cutoff=0.6)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                raise RuleError(f"unknown segment `{ref}`{hint}", segment=name)
+        if self._event_types is not None:
+            for n in walk(rule):
+                for ev in (getattr(n, "event", None), getattr(n, "a", None),
+                           getattr(n, "b", None)):
+                    if isinstance(n, (R.Agg, R.First, R.Last, R.Abandoned)) and ev is not None \
+                            and ev not in self._event_types:
+                        raise RuleError(f"unknown event type `{ev}`", segment=name)
+        return rule, R.to_text(rule)
+
+    def _rebuild(self) -> None:
+        """Recompute everything derived from the rule set."""
+        self._topo = R.topo_order(self._refs)
+        # Durations after which an event of a given type (None: of any type) may make a rule
+        # flip: an E event leaves the window W of every aggregate over E at ts + W; the latest
+        # event makes inactive(W) true at ts + W; the latest A makes abandoned(A, B, T) true
+        # at ts + T. Comparisons with `now` get their own exact flip instants (_now_flip).
+        durations: dict[str | None, set[int]] = {}
+        now_cmps = []
+        numeric: dict[str, dict[str, str]] = {}
+        for name, ast in self._ast.items():
+            for n in walk(ast):
+                if isinstance(n, R.Agg):
+                    if n.window_ms is not None:
+                        durations.setdefault(n.event, set()).add(n.window_ms)
+                    if n.fn in _NUMERIC_FNS:
+                        numeric.setdefault(n.event, {}).setdefault(n.prop, name)
+                elif isinstance(n, R.Inactive):
+                    durations.setdefault(None, set()).add(n.window_ms)
+                elif isinstance(n, R.Abandoned):
+                    durations.setdefault(n.a, set()).add(n.within_ms)
+                elif isinstance(n, R.Compare) and has_now(n):
+                    now_cmps.append(n)
+        self._durations = {k: tuple(sorted(v)) for k, v in durations.items()}
+        self._now_cmps = now_cmps
+        self._now_ids = {id(n) for n in now_cmps}
+        self._numeric = numeric
+        self._rules_version += 1
+
+    def add_segment(self, name: str, rule) -> TransitionList:
+        """Define segment ``name`` by ``rule`` (text or AST) and back-fill it: returns the users
+        entering it, at ``ts = now``, in user order."""
+        return self.add_segments({name: rule})
+
+    def add_segments(self, segments: dict) -> TransitionList:
+        """Define several segments at once (they may reference each other, in any order)."""
+        if not isinstance(segments, dict):
+            raise RuleError("add_segments takes a dict of name -> rule")
+        clock_ms = self._clock_ms()
+        seen_names = set()
+        for name in segments:
+            self._check_name(name)
+            if name in seen_names:
+                raise RuleError(f"segment `{name}` already exists", segment=name)
+            seen_names.add(name)
+        known = list(self._ast) + list(segments)
+        compiled = {name: self._compile(name, rule, known) for name, rule in segments.items()}
+        refs = dict(self._refs)
+        for name, (ast, _) in compiled.items():
+            refs[name] = R.references(ast)
+        R.topo_order(refs)                      # raises RuleError naming a cycle
+        # --- valid: change state
+        out = self._sync(clock_ms)
+        for name, (ast, text) in compiled.items():
+            self._ast[name] = ast
+            self._text[name] = text
+            self._refs[name] = refs[name]
+        self._rebuild()
+        for user in self._users.values():
+            before = user.memb
+            cur = self._evaluate(user, self._now)
+            for name in self._topo:
+                if name in compiled:
+                    if cur[name]:
+                        out.append(Transition(user.uid, name, True, self._now))
+                elif PARANOID:
+                    assert cur[name] == before[name], (user.uid, name)
+            user.memb = cur
+        return self._finish(out)
+
+    def remove_segment(self, name: str) -> None:
+        """Remove a segment (not allowed while another segment references it with ``in()``)."""
+        clock_ms = self._clock_ms()
+        if name not in self._ast:
+            close = difflib.get_close_matches(str(name), list(self._ast), n=1, cutoff=0.6)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise RuleError(f"unknown segment `{name}`{hint}")
+        users_of = [s for s, refs in self._refs.items() if name in refs and s != name]
+        if users_of:
+            raise RuleError(f"segment `{name}` is referenced by "
+                            + ", ".join(f"`{s}`" for s in users_of), segment=name)
+        out = self._sync(clock_ms)
+        del self._ast[name], self._text[name], self._refs[name]
+        self._on.pop((name, True), None)
+        self._on.pop((name, False), None)
+        for user in self._users.values():
+            user.memb.pop(name, None)
+        self._rebuild()
+        self._finish(out)
+
+    def _segment(self, name) -> None:
+        if name not in self._ast:
+            close = difflib.get_close_matches(str(name), list(self._ast), n=1, cutoff=0.6)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise RuleError(f"unknown segment `{name}`{hint}")
+
+    # ================================================================== events
+    def _check_row(self, user, event, ts, props, id, index, clock_ms, iso=False) -> _Row:
+        user = _check_user(user, index)
+        event = _scalar(event)
+        if not isinstance(event, str) or not event:
+            raise EventError("an event type must be a non-empty string", index=index,
+                             field="event")
+        if self._event_types is not None and event not in self._event_types:
+            close = difflib.get_close_matches(event, list(self._event_types), n=1, cutoff=0.6)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise EventError(f"unknown event type `{event}`{hint}", index=index, field="event")
+        if ts is not None:
+            ts = _ts(ts, index, iso=iso)
+            if clock_ms is not None and ts > clock_ms + self._max_future:
+                raise EventError(f"timestamp {ts} is more than max_future "
+                                 f"({self._max_future} ms) ahead of the clock ({clock_ms})",
+                                 index=index, field="ts")
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise EventError(f"props must be a dict, got {type(props).__name__}", index=index,
+                             field="props")
+        clean = {}
+        for k, v in props.items():
+            k = _scalar(k)
+            if not isinstance(k, str):
+                raise EventError(f"property names must be strings, got {k!r}", index=index,
+                                 field="props")
+            try:
+                v = _prop_value(v)
+            except TypeError as e:
+                raise EventError(f"a property value must be an int, float, str, bool or None, "
+                                 f"got {e}", index=index, field=f"props.{k}") from None
+            if v is not MISSING:
+                clean[k] = v
+        for prop, seg in self._numeric.get(event, {}).items():
+            if prop in clean and not is_num(clean[prop]):
+                raise EventError(f"`{event}.{prop}` must be a number (int or float) because "
+                                 f"segment `{seg}` aggregates it, got "
+                                 f"{type(clean[prop]).__name__}", index=index,
+                                 field=f"props.{prop}")
+        id = _scalar(id)
+        if id is not None and (isinstance(id, bool) or not isinstance(id, (str, int))):
+            raise EventError(f"a message id must be a string or an int, got "
+                             f"{type(id).__name__}", index=index, field="id")
+        return _Row(user, event, ts, clean, id)
+
+    def _ingest(self, rows: list[_Row], clock_ms, batch: bool) -> TransitionList:
+        """Apply validated rows one by one (the batch is fully checked first)."""
+        # --- dry run: which rows are duplicates, and is the user numbering consistent?
+        plan = self._plan_numbers()
+        now = self._now if clock_ms is None else max(self._now, clock_ms)
+        seen: dict[Any, int] = {}
+        dup = set()
+        for i, row in enumerate(rows):
+            if row.id is not None:
+                t0 = seen.get(row.id, self._ids.get(row.id))
+                if t0 is not None and now - t0 <= self._horizon:
+                    dup.add(i)
+                    continue
+            self._number(plan, row.user, i if batch else None)
+            now = max(now, now if row.ts is None else row.ts)
+            if row.id is not None:
+                seen[row.id] = now
+        # --- apply
+        out = self._sync(clock_ms)
+        self._commit_numbers(plan)
+        duplicates = []
+        for i, row in enumerate(rows):
+            if row.id is not None:
+                t0 = self._ids.get(row.id)
+                if t0 is not None and self._now - t0 <= self._horizon:
+                    assert i in dup
+                    duplicates.append(i)
+                    self._stats["duplicates"] += 1
+                    continue
+            ts = self._now if row.ts is None else row.ts
+            # Time moves to the event's ts first (time-driven transitions up to and including
+            # ts come before the event's own); a late event is applied at the current now.
+            out.extend(self._move_time(ts))
+            if row.id is not None:
+                self._ids[row.id] = self._now
+            number = self._number(plan, row.user, i)     # already assigned: a lookup
+            user = self._user(row.user, number)
+            e = Event(ts, row.event, row.props, self._arrival)
+            self._arrival += 1
+            user.events.append(e)
+            user.by_type.setdefault(row.event, []).append(e)
+            self._stats["events"] += 1
+            out.extend(self._reevaluate(user))
+        return self._finish(out, duplicates)
+
+    def track(self, user, event: str, ts=None, props: dict | None = None,
+              id=None) -> TransitionList:
+        """Accept one event (``ts`` None means now); returns the transitions it caused,
+        time-driven ones first. A duplicate id returns ``[]``."""
+        clock_ms = self._clock_ms()
+        row = self._check_row(user, event, ts, props, id, None, clock_ms)
+        return self._ingest([row], clock_ms, batch=False)
+
+    def track_many(self, user, event, ts, props: dict | None = None, id=None) -> TransitionList:
+        """Track a batch given as columns; exactly the same as tracking its rows one by one.
+        A missing property in a row is None or NaN. ``.duplicates`` lists duplicate rows."""
+        clock_ms = self._clock_ms()
+        cols = {"user": _column(user, "user"), "event": _column(event, "event"),
+                "ts": _column(ts, "ts")}
+        if id is not None:
+            cols["id"] = _column(id, "id")
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise EventError(f"props must be a dict of columns, got {type(props).__name__}",
+                             field="props")
+        pcols = {}
+        for k, col in props.items():
+            if not isinstance(k, str):
+                raise EventError(f"property names must be strings, got {k!r}", field="props")
+            pcols[k] = _column(col, f"props.{k}")
+        n = len(cols["user"])
+        for name, col in list(cols.items()) + [(f"props.{k}", c) for k, c in pcols.items()]:
+            if len(col) != n:
+                raise EventError(f"column `{name}` has {len(col)} rows but `user` has {n}",
+                                 field=name)
+        rows = []
+        for i in range(n):
+            if cols["ts"][i] is None:
+                raise EventError("a timestamp is required", index=i, field="ts")
+            rows.append(self._check_row(
+                cols["user"][i], cols["event"][i], cols["ts"][i],
+                {k: c[i] for k, c in pcols.items()},
+                cols["id"][i] if "id" in cols else None, i, clock_ms))
+        return self._ingest(rows, clock_ms, batch=True)
+
+    def track_json(self, data) -> TransitionList:
+        """Track a JSON array of ``{"user", "event", "ts", "props"?, "id"?}`` objects; ``ts``
+        is an int of ms or an ISO 8601 string. Same result as :meth:`track_many`."""
+        clock_ms = self._clock_ms()
+        try:
+            docs = msgspec.json.decode(data)
+        except (msgspec.DecodeError, TypeError) as e:
+            raise EventError(f"invalid JSON: {e}") from None
+        if not isinstance(docs, list):
+            raise EventError("expected a JSON array of events")
+        rows = []
+        for i, d in enumerate(docs):
+            if not isinstance(d, dict):
+                raise EventError("each event must be a JSON object", index=i)
+            for k in d:
+                if k not in _JSON_KEYS:
+                    raise EventError(f"unknown field `{k}` (expected user, event, ts, props, "
+                                     "id)", index=i, field=k)
+            for k in ("user", "event", "ts"):
+                if d.get(k) is None:
+                    raise EventError(f"`{k}` is required", index=i, field=k)
+            rows.append(self._check_row(d["user"], d["event"], d["ts"], d.get("props"),
+                                        d.get("id"), i, clock_ms, iso=True))
+        return self._ingest(rows, clock_ms, batch=True)
+
+    def advance(self, ts) -> TransitionList:
+        """Move time to ``ts`` (a no-op if not later than now); returns the transitions that
+        time caused, each at the instant its rule flipped."""
+        clock_ms = self._clock_ms()
+        ts = _ts(ts, None)
+        out = self._sync(clock_ms)
+        out.extend(self._move_time(ts))
+        return self._finish(out)
+
+    # ================================================================== traits and scores
+    def _check_traits(self, traits, index, kind: str) -> dict:
+        if not isinstance(traits, dict):
+            raise EventError(f"{kind} must be a dict, got {type(traits).__name__}", index=index,
+                             field=kind)
+        clean = {}
+        for k, v in traits.items():
+            if not isinstance(k, str) or not k:
+                raise EventError(f"{kind} names must be non-empty strings, got {k!r}",
+                                 index=index, field=kind)
+            try:
+                v = _prop_value(v)
+            except TypeError as e:
+                raise EventError(f"a {kind[:-1]} value must be an int, float, str, bool or "
+                                 f"None, got {e}", index=index, field=f"{kind}.{k}") from None
+            if kind == "scores" and v is not MISSING and not is_num(v):
+                raise EventError(f"a score must be a number, got {type(v).__name__}",
+                                 index=index, field=f"scores.{k}")
+            clean[k] = v                        # MISSING deletes
+        return clean
+
+    def _set(self, rows: list[tuple[Any, dict]], attr: str, clock_ms, batch: bool):
+        plan = self._plan_numbers()
+        for i, (u, _) in enumerate(rows):
+            self._number(plan, u, i if batch else None)
+        out = self._sync(clock_ms)
+        self._commit_numbers(plan)
+        for i, (u, values) in enumerate(rows):
+            user = self._user(u, self._number(plan, u, i))
+            store = getattr(user, attr)
+            for k, v in values.items():
+                if v is MISSING:
+                    store.pop(k, None)
+                else:
+                    store[k] = v
+            out.extend(self._reevaluate(user))
+        return self._finish(out)
+
+    def set_traits(self, user, traits: dict) -> TransitionList:
+        """Set a user's traits (a None value deletes that trait); creates the user if new."""
+        clock_ms = self._clock_ms()
+        u = _check_user(user, None)
+        return self._set([(u, self._check_traits(traits, None, "traits"))], "traits",
+                         clock_ms, False)
+
+    def set_traits_many(self, user, **columns) -> TransitionList:
+        """Set traits for many users from columns (``user=`` ids, one column per trait); a
+        None/NaN entry deletes that trait for that row. Rows are applied in order."""
+        clock_ms = self._clock_ms()
+        users = _column(user, "user")
+        cols = {k: _column(c, f"traits.{k}") for k, c in columns.items()}
+        for k, c in cols.items():
+            if len(c) != len(users):
+                raise EventError(f"column `{k}` has {len(c)} rows but `user` has {len(users)}",
+                                 field=f"traits.{k}")
+        rows = []
+        for i, u in enumerate(users):
+            rows.append((_check_user(u, i),
+                         self._check_traits({k: c[i] for k, c in cols.items()}, i, "traits")))
+        return self._set(rows, "traits", clock_ms, True)
+
+    def set_scores(self, user, scores: dict) -> TransitionList:
+        """Set a user's scores (numbers; None deletes)."""
+        clock_ms = self._clock_ms()
+        u = _check_user(user, None)
+        return self._set([(u, self._check_traits(scores, None, "scores"))], "scores",
+                         clock_ms, False)
+
+    # ================================================================== reads
+    def _read(self) -> None:
+        clock_ms = self._clock_ms()
+        if clock_ms is not None:
+            self._finish(self._move_time(clock_ms))
+
+    def members(self, name: str) -> BitMap:
+        """Public numbers of the users in segment ``name`` (a fresh BitMap)."""
+        self._read()
+        return self._members(name)
+
+    def _members(self, name: str) -> BitMap:
+        self._segment(name)
+        return BitMap(u.number for u in self._users.values() if u.memb[name])
+
+    def size(self, name: str) -> int:
+        return len(self.members(name))
+
+    def sizes(self) -> dict[str, int]:
+        self._read()
+        return {name: sum(1 for u in self._users.values() if u.memb[name]) for name in self._ast}
+
+    def segments_of(self, user) -> list[str]:
+        """Segments the user is in, in definition order ([] for an unknown user)."""
+        self._read()
+        u = self._lookup(user)
+        if u is None:
+            return []
+        return [name for name in self._ast if u.memb[name]]
+
+    def query(self, expr: str) -> BitMap:
+        """Bitmap algebra over segment names: ``&``, ``|``, ``-``, ``~`` (complement within all
+        known users) and parentheses."""
+        self._read()
+        universe = BitMap(self._users.keys())
+        return _query.evaluate(expr, self._members, universe, self._ast)
+
+    @property
+    def now(self) -> int:
+        self._read()
+        return self._now
+
+    def stats(self) -> dict[str, int]:
+        self._read()
+        return {"users": len(self._users), "segments": len(self._ast), "now": self._now,
+                **self._stats}
+
+    # ================================================================== callbacks
+    def _register(self, segment, fn, entered: bool):
+        self._segment(segment)
+
+        def deco(f):
+            if not callable(f):
+                raise TypeError("a callback must be callable")
+            self._on.setdefault((segment, entered), []).append(f)
+            return f
+
+        return deco if fn is None else deco(fn)
+
+    def on_enter(self, segment: str, fn: Callable | None = None):
+        """Call ``fn(transition)`` whenever a user enters ``segment`` (usable as a decorator)."""
+        return self._register(segment, fn, True)
+
+    def on_exit(self, segment: str, fn: Callable | None = None):
+        """Call ``fn(transition)`` whenever a user leaves ``segment`` (usable as a decorator)."""
+        return self._register(segment, fn, False)
