@@ -886,7 +886,8 @@ def test_builder_where_condition_is_its_own_condition():
 def test_builder_strings_are_durations_only_in_time_context():
     assert (b.trait("x") == "7d").node == eq(Trait("x"), Str("7d"))
     assert (b.now - b.first_seen > "7d").node.right == Dur(7 * D)
-    assert (b.first_seen > b.lit("7d")).node.right == Str("7d")
+    with pytest.raises(RuleError, match="a number cannot be compared with a string"):
+        b.first_seen > b.lit("7d")
     assert (b.score("x") + "1h").node == Arith("+", Score("x"), Dur(H))
     assert b.first_seen.between("1d", "2d").node == Between(FirstSeen(), Dur(D), Dur(2 * D))
     with pytest.raises(RuleError, match="is not a duration"):
@@ -1055,10 +1056,12 @@ def str_tests(draw, subject):
     return StrTest(op, draw(subject), pattern)
 
 
-def checks_of(subject):
-    """Every test form on one property/trait/score compared with constants."""
+def checks_of(subject, strings=True):
+    """Every test form on one property/trait/score compared with constants (a score, being a
+    number, is never compared with a string constant: that is a RuleError)."""
     return st.one_of(
-        st.builds(Compare, cmp_ops, subject, st.one_of(nums, texts.map(Str))),
+        st.builds(Compare, cmp_ops, subject,
+                  st.one_of(nums, texts.map(Str)) if strings else nums),
         st.builds(lambda v, c, op: Compare(op, c, v), subject, nums, cmp_ops),
         st.builds(InList, subject, st.lists(literals, max_size=4).map(tuple), st.booleans()),
         st.builds(Between, subject, nums, nums),
@@ -1107,7 +1110,7 @@ rule_leaves = st.one_of(
     st.builds(Compare, cmp_ops, nums, numeric_values),
     st.builds(Compare, cmp_ops, numeric, numeric),
     checks_of(names.map(Trait)),
-    checks_of(names.map(Score)),
+    checks_of(names.map(Score), strings=False),
     time_tests,
     st.builds(lambda e, w, win: did(e, w, win), events, st.one_of(st.none(), where_conds),
               windows),
@@ -1252,3 +1255,27 @@ def test_token_soup_parses_or_raises_rule_error(text):
     else:
         assert parse(to_text(node)) == node
         assert from_json(to_json(node)) == node
+
+
+# ---- names and number/string comparisons (review follow-ups)
+def test_json_names_must_be_spellable():
+    from segcore.rules import from_json
+    bad = b'{"kind": "compare", "op": ">=", "left": {"kind": "agg", "fn": "count", ' \
+          b'"event": "Order Completed"}, "right": {"kind": "num", "value": 1}}'
+    with pytest.raises(RuleError, match="`Order Completed` is not a valid name") as e:
+        from_json(bad)
+    assert e.value.path == "$"
+
+
+@pytest.mark.parametrize("text", ['count(a) > "3"', 'score.x == "high"',
+                                  'first_seen between "a" and 5'])
+def test_number_compared_with_string_is_rejected(text):
+    with pytest.raises(RuleError, match="a number cannot be compared with a string"):
+        parse(text)
+
+
+def test_engine_checks_event_types_of_ast_rules():
+    import segcore
+    eng = segcore.Engine(event_types=["purchase"])
+    with pytest.raises(RuleError, match="unknown event type `purchse`.*did you mean `purchase`"):
+        eng.add_segment("fb", parse("count(purchse) >= 1"))

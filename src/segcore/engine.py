@@ -583,6 +583,11 @@ class Engine:
             raise RuleError(f"a rule must be text, an AST node or a builder expression, got "
                             f"{type(rule).__name__}", segment=name)
         R.validate(node, segment=name)
+        if self._event_types is not None:
+            for ev in R.event_types_of(node):
+                if ev not in self._event_types:
+                    raise RuleError(f"unknown event type `{ev}`"
+                                    f"{R._suggest(ev, self._event_types)}", segment=name)
         for ref in R.references(node):
             if ref not in known:
                 raise RuleError(f"unknown segment `{ref}`{R._suggest(ref, known)}",

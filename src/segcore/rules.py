@@ -721,6 +721,10 @@ def _check_test(node, fail, in_where: bool) -> None:
     n_parts = sum(1 for v in values for _ in _kinds(v))
     if has_str and n_parts != len(values):
         fail("strings cannot be added or subtracted")
+    if has_str and isinstance(node, (Compare, Between)):
+        numeric = [t for t in nodes if not isinstance(t, (Str, Prop, Trait))]
+        if numeric:
+            fail("a number cannot be compared with a string (the test would always be false)")
     if isinstance(node, (InList, StrTest, Exists)):
         if any(isinstance(v, Arith) for v in values):
             fail(f"`{type(node).__name__.lower()}` applies to a single property, trait or value")
@@ -805,6 +809,46 @@ def references(node) -> list[str]:
     return out
 
 
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _check_names(node, fail_at) -> None:
+    """Every name in an AST must be one the rule text can spell."""
+    reserved = ("and", "or", "not", "in", "where")
+    for n in _walk(node):
+        names = []      # (name, whether a keyword would be ambiguous there)
+        if isinstance(n, (First, Last)):
+            names = [(n.event, True)]
+        elif isinstance(n, Agg):
+            names = [(n.event, True)] + ([(n.prop, False)] if n.prop is not None else [])
+        elif isinstance(n, Prop):
+            names = [(n.name, True)]
+        elif isinstance(n, (Trait, Score, InSegment)):
+            names = [(n.name, False)]
+        elif isinstance(n, Abandoned):
+            names = [(n.a, True), (n.b, True)] + ([(n.by, False)] if n.by is not None else [])
+        for name, strict in names:
+            if not isinstance(name, str) or not _IDENT.match(name) or (
+                    strict and name in reserved):
+                fail_at(f"`{name}` is not a valid name (letters, digits and _, not starting "
+                        "with a digit)")
+
+
+def event_types_of(node) -> list[str]:
+    """The event types a rule reads, in order of first mention."""
+    out: list[str] = []
+    for n in _walk(node):
+        evs = []
+        if isinstance(n, (First, Last, Agg)):
+            evs = [n.event]
+        elif isinstance(n, Abandoned):
+            evs = [n.a, n.b]
+        for e in evs:
+            if e not in out:
+                out.append(e)
+    return out
+
+
 def validate(node, segment: str | None = None, path: str = "$") -> None:
     """Check an AST built from Python or JSON with the same rules the parser applies."""
 
@@ -875,6 +919,10 @@ def validate(node, segment: str | None = None, path: str = "$") -> None:
         if a.where is not None:
             check(a.where, f"{p}.where", True)
 
+    def fail_names(reason):
+        raise RuleError(reason, segment=segment, path=path)
+
+    _check_names(node, fail_names)
     check(node, path, False)
 
 
