@@ -625,10 +625,11 @@ class Engine:
                         else (int(self._event_counts[self._codes[ev]])))
                 if seen:
                     what = "events" if ev is None else f"`{ev}` events"
-                    owner = ", ".join(f"`{n}`" for n in new_names) or "the segments"
+                    owner = (f"segment `{new_names[0]}` needs" if len(new_names) == 1 else
+                             "segments " + ", ".join(f"`{n}`" for n in new_names) + " need")
                     raise RuleError(
-                        f"{owner} needs the history of {what} in a form that is not kept "
-                        f"({seen} already tracked); define it before tracking them",
+                        f"{owner} the history of {what}, which is not kept ({seen} already "
+                        "tracked); define it before tracking them",
                         segment=new_names[0] if len(new_names) == 1 else None)
         kernel = Kernel(plan.arrays)
         smap = np.array([old.names.index(n) if n in old.names else -1 for n in plan.names],

@@ -1,0 +1,131 @@
+"""Kernel-level guarantees: it never crashes the process on bad input, and the engine-specific
+behaviour of the compiled engine (what the reference engine, which keeps raw events, need not do).
+"""
+
+import numpy as np
+import pytest
+
+import segcore
+from segcore import RuleError
+from segcore._kernel import Kernel
+from segcore.compile import compile_segments as _compile
+from segcore.rules import parse
+
+
+def compile_segments(rules, event_code):
+    return _compile({name: parse(text) for name, text in rules.items()}, event_code)
+
+
+def _kernel(rules=None):
+    codes = {}
+    plan = compile_segments(rules or {"a": "count(x, 10ms) >= 2", "b": "sum(y.v) > 1"},
+                            lambda n: codes.setdefault(n, len(codes)))
+    k = Kernel(plan.arrays)
+    k.add_users(3, np.zeros(3, dtype=np.int32))
+    return k, plan
+
+
+def _cols(n, plan):
+    return (np.zeros(n, np.uint32), np.zeros(n, np.int32), np.arange(n, dtype=np.int64),
+            np.zeros(n * len(plan.filters), np.uint8),
+            np.zeros(n * len(plan.val_props), np.float64),
+            np.zeros(n * len(plan.key_props), np.int64))
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: (None,) + c[1:],
+    lambda c: (c[0].astype(np.int64),) + c[1:],
+    lambda c: (c[0], c[1].astype(np.float64)) + c[2:],
+    lambda c: (c[0], c[1], c[2][:-1]) + c[3:],
+    lambda c: (np.array([7, 0, 0], np.uint32),) + c[1:],
+    lambda c: (np.array([2**32 - 1, 0, 0], np.uint32),) + c[1:],
+    lambda c: (c[0], np.array([-1, 0, 0], np.int32)) + c[2:],
+    lambda c: (c[0], c[1], np.array([-5, 0, 1], np.int64)) + c[3:],
+    lambda c: (c[0], c[1], np.array([2**62, 0, 1], np.int64)) + c[3:],
+    lambda c: c[:4] + (np.zeros(1, np.float64),) + c[5:],
+    lambda c: c[:4] + (np.zeros(99, np.float64),) + c[5:],
+    lambda c: (np.zeros((3, 2), np.uint32),) + c[1:],
+    lambda c: ("abc",) + c[1:],
+])
+def test_kernel_rejects_bad_columns_without_crashing(mutate):
+    k, plan = _kernel()
+    before = k.stats()
+    with pytest.raises((ValueError, TypeError)):
+        k.track(*mutate(_cols(3, plan)))
+    assert k.stats() == before and k.now == 0
+
+
+def test_kernel_accepts_empty_batches_and_survives_huge_codes():
+    k, plan = _kernel()
+    assert k.track(*_cols(0, plan)) == 0
+    cols = list(_cols(2, plan))
+    cols[1] = np.array([10**6, 2**31 - 1], np.int32)     # codes no rule listens to
+    k.track(*cols)
+    assert k.now == 1
+
+
+@pytest.mark.parametrize("call", [
+    lambda k: k.advance(2**60),
+    lambda k: k.eval_users(np.array([5], np.uint32)),
+    lambda k: k.set_trait_bits(np.array([0], np.uint32), np.zeros(9, np.uint8)),
+    lambda k: k.set_scores(np.array([9], np.uint32), np.zeros(0, np.float64)),
+    lambda k: k.member_row(10),
+    lambda k: k.add_users(2, np.zeros(1, np.int32)),
+    lambda k: k.add_users(-1, np.zeros(0, np.int32)),
+    lambda k: k.set_now(-1),
+    lambda k: Kernel({}),
+    lambda k: Kernel(None),
+])
+def test_kernel_methods_validate(call):
+    k, _ = _kernel()
+    with pytest.raises((ValueError, TypeError, KeyError)):
+        call(k)
+
+
+def test_kernel_rejects_a_corrupt_plan():
+    codes = {}
+    plan = compile_segments({"a": "count(x, 10ms) >= 2"},
+                            lambda n: codes.setdefault(n, len(codes)))
+    for key, bad in [("f_ioff", [999]), ("p_arg", [42]), ("lst_feat", [-3]),
+                     ("f_kind", [77]), ("p_op", [9]), ("a_f", [5])]:
+        arrays = dict(plan.arrays)
+        arrays[key] = bad
+        with pytest.raises(ValueError, match="plan"):
+            Kernel(arrays)
+
+
+def test_segment_needing_history_that_is_not_kept_is_refused():
+    eng = segcore.Engine()
+    eng.add_segment("fb", "count(purchase, 90d) >= 3")
+    eng.track(1, "purchase", ts=5)
+    with pytest.raises(RuleError, match="needs the history of `purchase` events") as e:
+        eng.add_segment("fb5", "count(purchase, 90d) >= 5")   # needs 5 timestamps, 3 are kept
+    assert e.value.segment == "fb5"
+    assert list(eng.segments) == ["fb"]
+    # new event types are fine: nothing to back-fill
+    assert list(eng.add_segment("carts", "did(add_to_cart, 1h)")) == []
+
+
+def test_transitions_replayed_from_empty_reproduce_members():
+    from segcore.synth import DEFAULT_SEGMENTS, generate
+    w = generate(500, 8000, days=60, seed=11)
+    eng = segcore.Engine(seed=2)
+    log = list(eng.add_segments(DEFAULT_SEGMENTS))
+    log += list(eng.set_traits_many(user=w.trait_user, **w.traits))
+    for b in w.batches(700):
+        log += list(eng.track_many(user=b.user, event=b.event, ts=b.ts, props=b.props))
+        log += list(eng.advance(eng.now + 3_600_000))
+    log += list(eng.advance(eng.now + 40 * 86_400_000))
+    replay = {name: set() for name in DEFAULT_SEGMENTS}
+    last = {}
+    for t in log:
+        key = (t.user, t.segment)
+        assert last.get(key) != t.entered, f"{t} repeats the previous state"
+        last[key] = t.entered
+        (replay[t.segment].add if t.entered else replay[t.segment].discard)(
+            eng.user_number(t.user))
+    for name in DEFAULT_SEGMENTS:
+        assert replay[name] == set(eng.members(name)), name
+    assert sum(len(v) for v in replay.values()) > 0
+    ts = [t.ts for t in log]
+    assert ts == sorted(ts)
