@@ -481,3 +481,55 @@ def test_remove_referenced_segment_is_refused(make_engine):
     eng.add_segments({"a": "seen", "b": "in(a)"})
     with pytest.raises(RuleError, match="referenced by `b`"):
         eng.remove_segment("a")
+
+
+def test_rejected_call_does_not_move_the_clock(make_engine):
+    now = [10.0]
+    eng = make_engine(clock=lambda: now[0])
+    eng.add_segment("recent", "did(x, 1s)")
+    eng.track(1, "x", ts=10_000)
+    now[0] = 20.0
+    with pytest.raises(EventError):
+        eng.track(1, "x", ts=-1)
+    with pytest.raises(EventError):
+        eng.set_traits(1, {"bad": object()})
+    # the exit at 11 s was not consumed by the rejected calls: the next call reports it
+    assert list(eng.advance(0)) == [T(1, "recent", False, 11_000)]
+    assert eng.now == 20_000
+
+
+def test_reads_catch_up_with_the_clock(make_engine):
+    now = [10.0]
+    exits = []
+    eng = make_engine(clock=lambda: now[0])
+    eng.add_segment("recent", "did(x, 1s)")
+    eng.on_exit("recent", exits.append)
+    eng.track(1, "x", ts=10_000)
+    now[0] = 12.0
+    assert members(eng, "recent") == [] and eng.size("recent") == 0
+    assert exits == [T(1, "recent", False, 11_000)]
+    assert eng.now == 12_000
+
+
+def test_duplicate_rows_create_no_user(make_engine):
+    eng = make_engine()
+    eng.add_segment("any", "seen")
+    eng.track(1, "x", ts=1, id="m")
+    out = eng.track_many(user=["new_user"], event=["x"], ts=[2], id=["m"])
+    assert list(out.duplicates) == [0] and list(out) == []
+    assert eng.stats()["users"] == 1
+    with pytest.raises(KeyError):
+        eng.user_number("new_user")
+
+
+def test_bools_are_numbers(make_engine):
+    eng = make_engine()
+    eng.add_segments({"opens": "sum(email.opened) >= 2", "flag": "count(x where f == 1) >= 1",
+                      "vip": "trait.vip == 1", "kinds": "distinct(y.v) >= 2"})
+    eng.track(1, "email", ts=1, props={"opened": True})
+    assert eng.track(1, "email", ts=2, props={"opened": True}) == [T(1, "opens", True, 2)]
+    assert eng.track(1, "x", ts=3, props={"f": True}) == [T(1, "flag", True, 3)]
+    assert eng.set_traits(1, {"vip": True}) == [T(1, "vip", True, 3)]
+    eng.track(1, "y", ts=4, props={"v": True})
+    assert eng.track(1, "y", ts=5, props={"v": 1}) == []     # true and 1 are the same value
+    assert eng.track(1, "y", ts=6, props={"v": False}) == [T(1, "kinds", True, 6)]

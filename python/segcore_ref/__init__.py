@@ -176,7 +176,7 @@ def _prop_value(v):
         return MISSING
     # Plain types only from here on (the evaluator tests `type(v) is int` etc.).
     if isinstance(v, bool):
-        return bool(v)
+        return int(v)          # bools are numbers: true is 1, false is 0
     if isinstance(v, int):
         return int(v)
     if isinstance(v, float):
@@ -272,6 +272,8 @@ class RefEngine:
         self._next_str = _MAX_USER - 1               # next number for a string (counting down)
         self._ids: dict[Any, int] = {}               # message id -> engine time of first sighting
         self._arrival = 0
+        self._event_codes: dict[str, int] = {}      # event type -> code (event_code())
+        self._code_events: list[str] = []
         # segments
         self._ast: dict[str, Any] = {}               # definition order
         self._text: dict[str, str] = {}
@@ -451,18 +453,20 @@ class RefEngine:
         return user
 
     def user_number(self, id) -> int:
-        """Public uint32 number of a user id (ints are themselves)."""
-        id = _scalar(id)
-        if isinstance(id, str):
-            if id not in self._str_numbers:
-                raise KeyError(id)
-            return self._str_numbers[id]
-        return _check_user(id, None)
+        """Public uint32 number of a known user id (ints are themselves); KeyError if the
+        engine never heard of the user."""
+        user = self._lookup(id)
+        if user is None:
+            raise KeyError(f"unknown user {id!r}")
+        return user.number
 
     def user_id(self, number: int):
-        """The user id (int or str) behind a public number."""
-        number = int(_scalar(number))
-        return self._number_str.get(number, number)
+        """The user id (int or str) behind the public number of a known user; KeyError
+        otherwise."""
+        user = self._users.get(int(_scalar(number)))
+        if user is None:
+            raise KeyError(f"unknown user number {number}")
+        return user.uid
 
     def _lookup(self, id) -> _User | None:
         id = _scalar(id)
@@ -609,9 +613,26 @@ class RefEngine:
             raise RuleError(f"unknown segment `{name}`{hint}")
 
     # ================================================================== events
-    def _check_row(self, user, event, ts, props, id, index, clock_ms, iso=False) -> _Row:
+    def event_code(self, name: str) -> int:
+        """The integer code of an event type, usable in ``track_many(event=codes)``. Codes
+        are given in order of first request."""
+        if not isinstance(name, str) or not name:
+            raise EventError("an event type must be a non-empty string", field="event")
+        if name not in self._event_codes:
+            self._event_codes[name] = len(self._event_codes)
+            self._code_events.append(name)
+        return self._event_codes[name]
+
+    def _check_row(self, user, event, ts, props, id, index, clock_ms, iso=False,
+                   codes=False) -> _Row:
         user = _check_user(user, index)
         event = _scalar(event)
+        if codes and isinstance(event, int) and not isinstance(event, bool):
+            # track_many only: an event code from event_code()
+            if not 0 <= event < len(self._code_events):
+                raise EventError(f"unknown event code {event} (see event_code())",
+                                 index=index, field="event")
+            event = self._code_events[event]
         if not isinstance(event, str) or not event:
             raise EventError("an event type must be a non-empty string", index=index,
                              field="event")
@@ -710,7 +731,8 @@ class RefEngine:
 
     def track_many(self, user, event, ts, props: dict | None = None, id=None) -> TransitionList:
         """Track a batch given as columns; exactly the same as tracking its rows one by one.
-        A missing property in a row is None or NaN. ``.duplicates`` lists duplicate rows."""
+        ``event`` holds type names or codes from :meth:`event_code`. A missing property in a
+        row is None or NaN. ``.duplicates`` lists duplicate rows."""
         clock_ms = self._clock_ms()
         cols = {"user": _column(user, "user"), "event": _column(event, "event"),
                 "ts": _column(ts, "ts")}
@@ -738,7 +760,7 @@ class RefEngine:
             rows.append(self._check_row(
                 cols["user"][i], cols["event"][i], cols["ts"][i],
                 {k: c[i] for k, c in pcols.items()},
-                cols["id"][i] if "id" in cols else None, i, clock_ms))
+                cols["id"][i] if "id" in cols else None, i, clock_ms, codes=True))
         return self._ingest(rows, clock_ms, batch=True)
 
     def track_json(self, data) -> TransitionList:
@@ -785,14 +807,18 @@ class RefEngine:
             if not isinstance(k, str) or not k:
                 raise EventError(f"{kind} names must be non-empty strings, got {k!r}",
                                  index=index, field=kind)
+            if kind == "scores":
+                v = _scalar(v)
+                finite = (isinstance(v, int) and not isinstance(v, bool)
+                          or isinstance(v, float) and math.isfinite(v))
+                if v is not None and not finite:
+                    raise EventError(f"score `{k}` must be a finite number or None, got {v!r}",
+                                     index=index, field=f"scores.{k}")
             try:
                 v = _prop_value(v)
             except TypeError as e:
                 raise EventError(f"a {kind[:-1]} value must be an int, float, str, bool or "
                                  f"None, got {e}", index=index, field=f"{kind}.{k}") from None
-            if kind == "scores" and v is not MISSING and not is_num(v):
-                raise EventError(f"a score must be a number, got {type(v).__name__}",
-                                 index=index, field=f"scores.{k}")
             clean[k] = v                        # MISSING deletes
         return clean
 

@@ -37,8 +37,8 @@ class Event:
 
 
 def is_num(v) -> bool:
-    """Numbers are int and float; a bool is *not* a number (semantics: "numeric (int or float,
-    not bool)"). Values are plain int/float/str/bool (the engine normalises its input)."""
+    """Numbers are int and float (bools arrive here already as 1/0). Values are plain
+    int/float/str (the engine normalises its input)."""
     t = type(v)
     return t is int or t is float
 
@@ -57,10 +57,7 @@ def compare(op: str, a, b) -> bool:
 
 def value_key(v):
     """Key under which two present values are "the same" (``distinct``, ``abandoned … by``):
-    numbers by value (``1 == 1.0``; Python's set does that), strings by text, and a bool is its
-    own kind (never equal to 0/1, since bools are not numbers)."""
-    if isinstance(v, bool):
-        return ("bool", v)
+    numbers by value (``1 == 1.0 == true``; Python's set does that), strings by text."""
     return v
 
 

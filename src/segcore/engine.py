@@ -116,12 +116,14 @@ class Transitions:
             return Transitions.empty(names)
         if len(parts) == 1:
             return parts[0]
-        # Re-index segments by name: parts may come from different plans.
+        # Re-index segments by name: parts may come from different plans (a segment that was
+        # just removed keeps its name at the end).
         names = tuple(names)
+        for p in parts:
+            names += tuple(n for n in p.segment_names if n not in names)
         seg = []
         for p in parts:
-            remap = np.array([names.index(n) if n in names else -1
-                              for n in p.segment_names], dtype=np.int32)
+            remap = np.array([names.index(n) for n in p.segment_names], dtype=np.int32)
             seg.append(remap[p.segment])
         return Transitions(np.concatenate([p.user for p in parts]), np.concatenate(seg),
                            np.concatenate([p.entered for p in parts]),
@@ -160,8 +162,9 @@ def _is_missing(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
-        v, (bool, np.bool_))
+    """Numbers are ints and floats; bools count as numbers (true is 1, false is 0)."""
+    return isinstance(v, (int, float, np.integer, np.floating, np.bool_)) and not isinstance(
+        v, str)
 
 
 # ------------------------------------------------------------------ scalar tests
@@ -406,7 +409,15 @@ class Engine:
     @property
     def now(self) -> int:
         """The engine's time in ms: the event-time watermark (and the clock, with one)."""
+        self._read_sync()
         return int(self._kernel.now)
+
+    def _read_sync(self) -> None:
+        """With a clock, reads first catch up with it, so they see every expiry up to the
+        current wall time; the transitions that causes go to the bitmaps and callbacks."""
+        if self._clock is not None:
+            self._catch_up(self._read_clock())
+            self._drain([])
 
     @property
     def segments(self) -> dict[str, str]:
@@ -556,7 +567,7 @@ class Engine:
         """Define several segments at once; they may reference each other in any order."""
         if not isinstance(segments, Mapping):
             raise RuleError("add_segments takes a mapping of name -> rule")
-        self._tick()
+        clock_ms = self._read_clock()
         new_names = list(segments)
         for name in new_names:
             if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -571,7 +582,7 @@ class Engine:
             ast, text = self._to_ast(name, segments[name], known)
             asts[name] = ast
             texts[name] = text
-        return self._replan(asts, texts, new_names)
+        return self._replan(asts, texts, new_names, clock_ms)
 
     def _to_ast(self, name: str, rule, known) -> tuple:
         if isinstance(rule, str):
@@ -603,12 +614,12 @@ class Engine:
                             + ", ".join(f"`{u}`" for u in users), segment=name)
         asts = {k: v for k, v in self._asts.items() if k != name}
         texts = {k: v for k, v in self._texts.items() if k != name}
-        self._replan(asts, texts, [])
+        self._replan(asts, texts, [], self._read_clock())
         self._bitmaps.pop(name, None)
         self._callbacks.pop((name, True), None)
         self._callbacks.pop((name, False), None)
 
-    def _replan(self, asts: dict, texts: dict, new_names: list) -> Transitions:
+    def _replan(self, asts: dict, texts: dict, new_names: list, clock_ms) -> Transitions:
         try:
             plan = compile_segments(asts, self._event_code)
         except RuleError as e:
@@ -631,6 +642,8 @@ class Engine:
                         f"{owner} the history of {what}, which is not kept ({seen} already "
                         "tracked); define it before tracking them",
                         segment=new_names[0] if len(new_names) == 1 else None)
+        self._catch_up(clock_ms)
+        pending = self._kernel.take_transitions()
         kernel = Kernel(plan.arrays)
         smap = np.array([old.names.index(n) if n in old.names else -1 for n in plan.names],
                         dtype=np.int32)
@@ -643,7 +656,8 @@ class Engine:
         for n in new_names:
             self._bitmaps[n] = BitMap()
         kernel.eval_all()
-        return self._drain([])
+        before = self._batch(pending, tuple(old.names))
+        return self._drain([before] if len(before) else [])
 
     def _require_segment(self, name: str) -> None:
         if name not in self._asts:
@@ -691,7 +705,7 @@ class Engine:
         >>> eng.set_traits(7, {"country": "SE"})
         [Transition(user=7, segment='swedes', entered=True, ts=0)]
         """
-        self._tick()
+        clock_ms = self._read_clock()
         user = self._check_user(user)
         if not isinstance(traits, Mapping):
             raise EventError("traits must be a mapping of name -> value", field="traits")
@@ -700,6 +714,7 @@ class Engine:
             if not isinstance(k, str) or not k:
                 raise EventError("trait names must be non-empty strings", field="traits")
             clean[k] = self._check_profile_value(v, "trait", k)
+        self._catch_up(clock_ms)
         self._create_users([user] if user not in self._dense else [])
         d = self._dense[user]
         cur = self._traits.setdefault(d, {})
@@ -719,7 +734,7 @@ class Engine:
 
         Each keyword is a column as long as ``user``; ``None`` entries delete that trait.
         """
-        self._tick()
+        clock_ms = self._read_clock()
         if user is None:
             raise EventError("`user` column is required", field="user")
         try:
@@ -733,6 +748,7 @@ class Engine:
             for i, v in enumerate(cols[k]):
                 cols[k][i] = self._check_profile_value(v, "trait", k, index=i)
         dense, new = self._resolve_users(users)
+        self._catch_up(clock_ms)
         self._create_users(new)
         if new:
             dense = np.array([self._dense[self._check_user(u)] for u in users.tolist()],
@@ -758,7 +774,7 @@ class Engine:
 
     def set_scores(self, user: UserId, scores: Mapping[str, Any]) -> list[Transition]:
         """Set (or with ``None``, delete) numeric scores used as ``score.NAME`` in rules."""
-        self._tick()
+        clock_ms = self._read_clock()
         user = self._check_user(user)
         if not isinstance(scores, Mapping):
             raise EventError("scores must be a mapping of name -> number", field="scores")
@@ -770,6 +786,7 @@ class Engine:
                 raise EventError(f"score `{k}` must be a finite number or None, got {v!r}",
                                  field=f"scores.{k}")
             clean[k] = None if v is None else float(v)
+        self._catch_up(clock_ms)
         self._create_users([user] if user not in self._dense else [])
         d = self._dense[user]
         cur = self._scores.setdefault(d, {})
@@ -785,13 +802,15 @@ class Engine:
         return list(self._drain([]))
 
     # ------------------------------------------------------------------ time
-    def _tick(self) -> Transitions | None:
-        if self._clock is None:
-            return None
-        t = self._clock_ms()
-        if t > self._kernel.now:
-            self._kernel.advance(t)
-        return None
+    def _read_clock(self) -> int | None:
+        """The clock in ms (read once per call), or None in event-time mode."""
+        return None if self._clock is None else self._clock_ms()
+
+    def _catch_up(self, clock_ms: int | None) -> None:
+        """Move time to the clock; called once a call's input has been accepted, so that a
+        rejected call changes nothing. The transitions go out with the call's own."""
+        if clock_ms is not None and clock_ms > self._kernel.now:
+            self._kernel.advance(clock_ms)
 
     def _clock_ms(self) -> int:
         t = self._clock()
@@ -805,7 +824,7 @@ class Engine:
         """Move time forward to ``ts`` (ms or datetime); returns the transitions time caused,
         each at the exact instant its rule flipped. Earlier times are a no-op."""
         t = _to_ms(ts)
-        self._tick()
+        self._catch_up(self._read_clock())
         self._kernel.advance(t)
         return self._drain([])
 
@@ -823,8 +842,9 @@ class Engine:
         user = self._check_user(user)
         if not isinstance(event, str) or not event:
             raise EventError("event must be a non-empty string", field="event")
+        clock_ms = self._read_clock()
         if ts is None:
-            ts = self._clock_ms() if self._clock is not None else self.now
+            ts = clock_ms if clock_ms is not None else self.now
         t = _to_ms(ts)
         cols = {}
         for k, v in (props or {}).items():
@@ -843,7 +863,8 @@ class Engine:
         users = np.empty(1, dtype=object)
         users[0] = user
         return list(self._ingest(users, np.array([event], dtype=object),
-                                 np.array([t], dtype=np.int64), cols, ids, single=True))
+                                 np.array([t], dtype=np.int64), cols, ids, single=True,
+                                 clock_ms=clock_ms))
 
     def track_many(self, user, event, ts, props: Mapping[str, Any] | None = None,
                    id=None) -> Transitions:
@@ -950,9 +971,11 @@ class Engine:
                              index=bad, field="ts")
         return tss.astype(np.int64)
 
-    def _ingest(self, users, events, tss, cols, ids, single: bool = False) -> Transitions:
+    def _ingest(self, users, events, tss, cols, ids, single: bool = False,
+                clock_ms: int | None = None) -> Transitions:
         n = len(users)
-        pre = self._tick()
+        if clock_ms is None:
+            clock_ms = self._read_clock()
         # ---- validate everything before touching any state
         if events.dtype.kind in "iu":
             ecodes, names = self._event_column(events), None
@@ -960,13 +983,13 @@ class Engine:
         else:
             inv, names = self._event_column(events)
         tss = self._ts_column(tss)
-        if self._clock is not None and n:
-            lim = self._clock_ms() + self._max_future_ms
+        if clock_ms is not None and n:
+            lim = clock_ms + self._max_future_ms
             if tss.max() > lim:
                 bad = int(np.flatnonzero(tss > lim)[0])
                 raise EventError(f"`ts` {int(tss[bad])} is more than max_future ahead of the "
-                                 f"clock ({lim - self._max_future_ms})",
-                                 index=None if single else bad, field="ts")
+                                 f"clock ({clock_ms})", index=None if single else bad,
+                                 field="ts")
         dense, new_users = self._resolve_users(users)
         if names is not None:
             known = np.array([self._codes.get(nm, -1) for nm in names], dtype=np.int32)
@@ -976,15 +999,18 @@ class Engine:
         fpass, vals, keys = self._prop_columns(cols, n, ecodes_tmp, names, inv if names
                                                is not None else None, single)
         keep = self._dedup(ids, tss) if ids is not None else None
+        if keep is not None and not keep.all() and new_users:
+            kept = set(users[keep].tolist())
+            new_users = [u for u in new_users if u in kept]
         # ---- apply
+        self._catch_up(clock_ms)
         if names is not None:
             codes = np.array([self._event_code(nm) for nm in names], dtype=np.int32)
             ecodes = codes[inv] if len(names) else np.zeros(n, np.int32)
         self._create_users(new_users)
         if new_users:
-            dense = np.array([self._dense[self._check_user(u)] for u in users.tolist()],
-                             dtype=np.int64) if users.dtype.kind not in "iu" else \
-                np.array([self._dense[u] for u in users.tolist()], dtype=np.int64)
+            dense = np.array([self._dense.get(self._check_user(u), -1)
+                              for u in users.tolist()], dtype=np.int64)
         dups = None
         if keep is not None and not keep.all():
             dups = np.flatnonzero(~keep)
@@ -1003,7 +1029,7 @@ class Engine:
         if m:
             self._event_counts[: len(self._event_names)] += np.bincount(
                 ecodes, minlength=len(self._event_names))[: len(self._event_names)]
-        out = self._drain([] if pre is None else [pre])
+        out = self._drain([])
         if dups is not None:
             out.duplicates = dups
         return out
@@ -1030,7 +1056,7 @@ class Engine:
                     if names else np.zeros(n, bool)
             else:
                 need = np.isin(ecodes, list(need_codes))
-            if col.dtype.kind in "iuf":
+            if col.dtype.kind in "iufb":
                 vals[:, j] = col.astype(np.float64)
                 continue
             lst = col.tolist()
@@ -1083,11 +1109,14 @@ class Engine:
         return keep
 
     # ------------------------------------------------------------------ transitions
+    def _batch(self, cols, names) -> Transitions:
+        u, s, e, t = cols
+        return Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
+                           names, self._str_num)
+
     def _drain(self, prefix: list) -> Transitions:
-        u, s, e, t = self._kernel.take_transitions()
         names = tuple(self._plan.names)
-        batch = Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
-                            names, self._str_num)
+        batch = self._batch(self._kernel.take_transitions(), names)
         if prefix:
             batch = Transitions.concat(prefix + [batch], names)
         if len(batch):
@@ -1156,21 +1185,25 @@ class Engine:
     def members(self, segment: str) -> FrozenBitMap:
         """The segment's members as a (frozen copy of a) roaring bitmap of user numbers."""
         self._require_segment(segment)
+        self._read_sync()
         return FrozenBitMap(self._bitmaps[segment])
 
     def size(self, segment: str) -> int:
         """Number of members of a segment."""
         self._require_segment(segment)
+        self._read_sync()
         return len(self._bitmaps[segment])
 
     def sizes(self) -> dict[str, int]:
         """Every segment's size, in definition order."""
+        self._read_sync()
         return {name: len(self._bitmaps[name]) for name in self._asts}
 
     def segments_of(self, user: UserId) -> list[str]:
         """The segments a user is in now, in definition order ([] for an unknown user)."""
         if isinstance(user, bool) or not isinstance(user, (int, str, np.integer)):
             raise EventError("a user id must be an int or a string", field="user")
+        self._read_sync()
         d = self._dense.get(int(user) if isinstance(user, np.integer) else user)
         if d is None:
             return []
@@ -1189,11 +1222,13 @@ class Engine:
         >>> list(eng.query("a & ~b"))
         [1]
         """
+        self._read_sync()
         return _BitmapQuery(expr, self).parse()
 
     def stats(self) -> dict:
         """Counters and sizes: users, events, duplicates, transitions, segments, timers,
         callback errors, kernel memory."""
+        self._read_sync()
         k = self._kernel.stats()
         return {
             "now": self.now, "users": len(self._ext), "events": self._stats["events"],
