@@ -129,3 +129,24 @@ def test_transitions_replayed_from_empty_reproduce_members():
     assert sum(len(v) for v in replay.values()) > 0
     ts = [t.ts for t in log]
     assert ts == sorted(ts)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_engine_matches_an_independent_numpy_recompute(seed):
+    """The default segments at many instants, against a from-scratch numpy computation."""
+    from segcore.synth import DEFAULT_SEGMENTS, generate, recompute
+    w = generate(3_000, 40_000, days=60, seed=seed)
+    eng = segcore.Engine(seed=seed)
+    eng.add_segments(DEFAULT_SEGMENTS)
+    eng.set_traits_many(user=w.trait_user, **w.traits)
+    checked = 0
+    for i, b in enumerate(w.batches(4_000)):
+        eng.track_many(user=b.user, event=b.event, ts=b.ts, props=b.props)
+        if i % 3 == 2:
+            eng.advance(eng.now + 17 * 3_600_000)    # time alone moves users
+        upto = w[: (i + 1) * 4_000]
+        want = recompute(upto, eng.now, seed=seed)
+        for name in DEFAULT_SEGMENTS:
+            assert sorted(eng.members(name)) == want[name].tolist(), (name, i)
+            checked += len(want[name])
+    assert checked > 10_000

@@ -521,3 +521,74 @@ def generate(n_users: int = 2_000, n_events: int = 30_000, days: float = 120, se
         start_ms=start_ms,
         end_ms=end_ms,
     )
+
+
+def recompute(w: Workload, now_ms: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Recompute :data:`DEFAULT_SEGMENTS` from scratch with numpy: the members of each segment
+    at ``now_ms`` given every event of ``w`` (all of which must have ``ts <= now_ms``).
+
+    This is the batch answer a segment recompute job would give (only the end state, no
+    transitions); segcore's benchmarks compare a whole incremental pass against it, and the
+    tests use it as an independent exact oracle. Users are ``0 .. n_users-1`` with the
+    workload's traits (so every user exists, as after ``set_traits_many``).
+
+    >>> w = generate(n_users=300, n_events=3_000, seed=2)
+    >>> end = recompute(w, int(w.ts.max()))
+    >>> sorted(end) == sorted(DEFAULT_SEGMENTS)
+    True
+    """
+    if len(w) and int(w.ts.max()) > now_ms:
+        raise ValueError("recompute needs every event at or before now_ms")
+    n = w.n_users
+    u = w.user.astype(np.int64)
+    code = w.event_code
+    ts = w.ts
+
+    def count(ev: int, window_ms: int | None = None, extra=None) -> np.ndarray:
+        m = code == ev
+        if window_ms is not None:
+            m &= ts > now_ms - window_ms
+        if extra is not None:
+            m &= extra
+        return np.bincount(u[m], minlength=n)
+
+    def latest(ev: int | None) -> np.ndarray:
+        out = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
+        m = slice(None) if ev is None else code == ev
+        np.maximum.at(out, u[m], ts[m])
+        return out
+
+    cat = w.str_codes["category"]
+    shoes = int(np.flatnonzero(w.str_vocab["category"] == "shoes")[0]) \
+        if "shoes" in set(w.str_vocab["category"].tolist()) else -2
+    amount = w.num_props["amount"]
+    buy = (code == _PURCHASE) & ~np.isnan(amount)
+    ltv = np.bincount(u[buy], weights=amount[buy], minlength=n)
+    seen = np.bincount(u, minlength=n) > 0
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, u, ts)
+    last_any = latest(None)
+    last_a, last_b = latest(_ADD_TO_CART), latest(_PURCHASE)
+    frequent = count(_PURCHASE, 90 * DAY_MS) >= 3
+    country = w.traits["country"]
+    se = np.zeros(n, dtype=bool)
+    se[w.trait_user.astype(np.int64)] = country == "SE"
+    from .hashing import buckets_of_ints
+    out = {
+        "frequent_buyers": frequent,
+        "high_ltv": ltv >= 500,
+        "high_intent_browsers": (count(_PRODUCT_VIEW, 7 * DAY_MS, cat == shoes) >= 3)
+        & (count(_PURCHASE, 30 * DAY_MS) == 0),
+        "engaged_app_users": count(_APP_OPEN, 7 * DAY_MS) >= 5,
+        "recent_support_contact": count(_SUPPORT_TICKET, 3 * DAY_MS) >= 1,
+        "inactive_30d": seen & (last_any <= now_ms - 30 * DAY_MS),
+        "opens_never_clicks": (count(_EMAIL_OPEN, 30 * DAY_MS) >= 3)
+        & (count(_EMAIL_CLICK, 30 * DAY_MS) == 0),
+        "cart_abandoners": (last_a != np.iinfo(np.int64).min) & (last_b < last_a)
+        & (last_a <= now_ms - HOUR_MS),
+        "buying_intent": count(_PRODUCT_VIEW, DAY_MS) >= 5,
+        "new_users": seen & (first >= now_ms - 7 * DAY_MS),
+        "swedish_frequent_buyers": se & frequent,
+        "holdout_10pct": buckets_of_ints(np.arange(n, dtype=np.int64), seed) <= 999,
+    }
+    return {name: np.flatnonzero(mask).astype(np.uint32) for name, mask in out.items()}
