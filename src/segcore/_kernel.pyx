@@ -90,6 +90,16 @@ cdef struct Entry:
 
 ctypedef pair[int64_t, int64_t] HeapItem
 
+cdef extern from *:
+    """
+    #define SEGCORE_PREFETCH(p) __builtin_prefetch((const void*)(p), 1, 1)
+    """
+    void SEGCORE_PREFETCH(const void* p) nogil
+
+#: How many events ahead track() prefetches a user's state (hides DRAM latency at 1M users).
+cdef enum:
+    DEF_PREFETCH = 8
+
 
 cdef inline bint cmp_d(int op, double a, double b) noexcept nogil:
     if op == OP_EQ:
@@ -158,6 +168,7 @@ cdef class Kernel:
     cdef int32_t[::1] t_kind, t_a, t_b
     cdef double[::1] t_v
     cdef int32_t[::1] p_start, p_op, p_arg
+    cdef int32_t[::1] es_start, es_list, time_segs, all_segs
     cdef int64_t[::1] irow_init
     cdef double[::1] frow_init
     # ---- state
@@ -170,6 +181,8 @@ cdef class Kernel:
     cdef double* scores
     cdef int32_t* bucket
     cdef int64_t* wake
+    cdef uint8_t* fresh
+    cdef object _fresh
     cdef vector[vector[Entry]] pools
     cdef vector[HeapItem] heap
     cdef vector[uint32_t] tr_u
@@ -216,6 +229,10 @@ cdef class Kernel:
         self.n_seg = self.p_start.shape[0] - 1
         self.p_op = _i32(plan["p_op"])
         self.p_arg = _i32(plan["p_arg"])
+        self.es_start = _i32(plan["es_start"])
+        self.es_list = _i32(plan["es_list"])
+        self.time_segs = _i32(plan["time_segs"])
+        self.all_segs = np.arange(max(self.n_seg, 1), dtype=np.int32)
         self.istride = int(plan["istride"])
         self.fstride = int(plan["fstride"])
         self.n_var = int(plan["n_var"])
@@ -321,6 +338,17 @@ cdef class Kernel:
                     raise ValueError("plan: program too deep")
             if depth != 1:
                 raise ValueError("plan: bad program")
+        if self.es_start.shape[0] != self.n_codes + 2:
+            raise ValueError("plan: segment index has the wrong length")
+        for i in range(self.n_codes + 1):
+            if not 0 <= self.es_start[i] <= self.es_start[i + 1] <= self.es_list.shape[0]:
+                raise ValueError("plan: segment index out of range")
+        for i in range(self.es_list.shape[0]):
+            if not 0 <= self.es_list[i] < self.n_seg:
+                raise ValueError("plan: segment index out of range")
+        for i in range(self.time_segs.shape[0]):
+            if not 0 <= self.time_segs[i] < self.n_seg:
+                raise ValueError("plan: time segment out of range")
 
     def _len_f_event(self): return self.f_event.shape[0]
     def _len_f_event2(self): return self.f_event2.shape[0]
@@ -372,7 +400,9 @@ cdef class Kernel:
         scores = np.full(cap * nsc, np.nan, dtype=np.float64)
         bucket = np.zeros(cap, dtype=np.int32)
         wake = np.full(cap, INT64_MAX, dtype=np.int64)
+        fresh = np.zeros(cap, dtype=np.uint8)
         if self.cap:
+            fresh[:old] = self._fresh[:old]
             istate[: old * istride] = self._istate[: old * istride]
             fstate[: old * fstride] = self._fstate[: old * fstride]
             members[: old * nseg] = self._members[: old * nseg]
@@ -382,6 +412,9 @@ cdef class Kernel:
             wake[:old] = self._wake[:old]
         self._istate, self._fstate, self._members = istate, fstate, members
         self._tbits, self._scores, self._bucket, self._wake = tbits, scores, bucket, wake
+        self._fresh = fresh
+        cdef uint8_t[::1] mfr = fresh
+        self.fresh = &mfr[0]
         cdef int64_t[::1] mi = istate
         cdef double[::1] mf = fstate
         cdef uint8_t[::1] mm = members
@@ -416,6 +449,7 @@ cdef class Kernel:
             for j in range(self.fstride):
                 self.fstate[u * self.fstride + j] = self.frow_init[j]
             self.bucket[u] = buckets[i]
+            self.fresh[u] = 1     # first evaluation covers every segment
         self.n_users += n
 
     # ------------------------------------------------------------------ feature updates
@@ -811,13 +845,20 @@ cdef class Kernel:
         return False
 
     # ------------------------------------------------------------------ evaluation
-    cdef void _eval(self, uint32_t u, int64_t t) noexcept nogil:
+    cdef void _eval(self, uint32_t u, int64_t t, const int32_t* segs, int nsegs) noexcept nogil:
+        """Re-evaluate segments ``segs`` (in evaluation order) of user u at time t, buffer the
+        flips, and reschedule u's timer."""
         cdef uint8_t st[STACK]
-        cdef int sp, s, i, op
+        cdef int sp, s, i, j, op
         cdef uint8_t* mem = self.members + <int64_t>u * max(self.n_seg, 1)
         cdef uint8_t r
         cdef int64_t w, nxt
-        for s in range(self.n_seg):
+        if self.fresh[u]:
+            self.fresh[u] = 0
+            segs = &self.all_segs[0]
+            nsegs = self.n_seg
+        for j in range(nsegs):
+            s = segs[j]
             sp = 0
             for i in range(self.p_start[s], self.p_start[s + 1]):
                 op = self.p_op[i]
@@ -849,13 +890,14 @@ cdef class Kernel:
             nxt = self._time_next_flip(u, self.time_atoms[i], t)
             if nxt < w:
                 w = nxt
-        if w != self.wake[u]:
+        # Push only when the wake-up moves earlier: a timer that fires too early re-evaluates
+        # (finding nothing) and reschedules, which costs less than a heap push per event.
+        if w < self.wake[u]:
             self.wake[u] = w
-            if w != INT64_MAX:
-                self.heap.push_back(HeapItem(-w, -<int64_t>u))
-                push_heap(self.heap.begin(), self.heap.end())
-                if self.heap.size() > 2 * <size_t>self.n_users + 1024:
-                    self._rebuild_heap()
+            self.heap.push_back(HeapItem(-w, -<int64_t>u))
+            push_heap(self.heap.begin(), self.heap.end())
+            if self.heap.size() > 2 * <size_t>self.n_users + 1024:
+                self._rebuild_heap()
 
     cdef void _rebuild_heap(self) noexcept nogil:
         cdef int64_t u
@@ -880,7 +922,8 @@ cdef class Kernel:
             self.wake[u] = INT64_MAX
             if tt > self.now:
                 self.now = tt
-            self._eval(u, tt)
+            self._eval(u, tt, &self.time_segs[0] if self.time_segs.shape[0] else NULL,
+                       self.time_segs.shape[0])
         if t > self.now:
             self.now = t
 
@@ -907,8 +950,16 @@ cdef class Kernel:
                 raise ValueError(f"track: ts {ts[i]} out of range")
             if ecode[i] < 0:
                 raise ValueError("track: negative event code")
+        cdef int32_t c
+        cdef uint32_t pu
+        cdef int nseg1 = max(self.n_seg, 1)
         with nogil:
             for i in range(n):
+                if i + DEF_PREFETCH < n:
+                    pu = uidx[i + DEF_PREFETCH]
+                    SEGCORE_PREFETCH(self.istate + <int64_t>pu * self.istride)
+                    SEGCORE_PREFETCH(self.members + <int64_t>pu * nseg1)
+                    SEGCORE_PREFETCH(self.wake + pu)
                 if ts[i] > self.now:
                     self._advance(ts[i])
                 if nf:
@@ -918,7 +969,10 @@ cdef class Kernel:
                 if nk:
                     kp = &keys[i * nk]
                 self._apply(uidx[i], ecode[i], ts[i], fp, vp, kp)
-                self._eval(uidx[i], self.now)
+                c = ecode[i] if ecode[i] < self.n_codes else self.n_codes
+                self._eval(uidx[i], self.now, &self.es_list[0] + self.es_start[c]
+                           if self.es_list.shape[0] else NULL,
+                           self.es_start[c + 1] - self.es_start[c])
         return self.tr_u.size()
 
     def advance(self, int64_t t):
@@ -937,7 +991,7 @@ cdef class Kernel:
                 raise ValueError("eval_users: user index out of range")
         with nogil:
             for i in range(uidx.shape[0]):
-                self._eval(uidx[i], self.now)
+                self._eval(uidx[i], self.now, &self.all_segs[0], self.n_seg)
         return self.tr_u.size()
 
     def eval_all(self):
@@ -945,8 +999,8 @@ cdef class Kernel:
         cdef int64_t u
         with nogil:
             for u in range(self.n_users):
-                self.wake[u] = INT64_MAX - 1   # force re-push
-                self._eval(<uint32_t>u, self.now)
+                self.wake[u] = INT64_MAX
+                self._eval(<uint32_t>u, self.now, &self.all_segs[0], self.n_seg)
             self._rebuild_heap()
         return self.tr_u.size()
 
@@ -1056,6 +1110,7 @@ cdef class Kernel:
                 if so >= 0:
                     self.members[u * max(self.n_seg, 1) + s] = \
                         old.members[u * max(old.n_seg, 1) + so]
+            self.fresh[u] = old.fresh[u]
 
     def stats(self):
         cdef size_t pooled = 0

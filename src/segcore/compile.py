@@ -377,9 +377,8 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
             p_op.append(op)
             p_arg.append(arg)
         p_start.append(len(p_op))
-    fidx = {name: i for i, name in enumerate(p.filters)}
-    del fidx
     filt = {R.to_json(w): i for i, w in enumerate(p.filters)}
+    es_start, es_list, time_segs = _segment_index(p, b, progs, codes, n_codes)
     terms = b.terms
     p.arrays = dict(
         f_kind=[s.kind for s in p.features],
@@ -401,12 +400,60 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
         t_kind=[t[0] for t in terms], t_a=[t[1] for t in terms], t_b=[t[2] for t in terms],
         t_v=[t[3] for t in terms],
         p_start=p_start, p_op=p_op, p_arg=p_arg,
+        es_start=es_start, es_list=es_list, time_segs=time_segs,
         istride=ioff, fstride=foff, n_var=n_var, n_trait=len(p.trait_tests),
         n_score=len(p.score_names), n_filter=len(p.filters), n_val=len(p.val_props),
         n_key=len(p.key_props),
         irow_init=np.array(irow, dtype=np.int64), frow_init=np.array(frow, dtype=np.float64),
     )
     assert n_feat == len(p.arrays["f_kind"])
+
+
+def _segment_index(p: Plan, b: _Builder, progs: list, codes: dict, n_codes: int):
+    """Which segments to re-evaluate: per event code (row ``n_codes`` serves codes no rule
+    names), and on a timer. A segment is affected when one of its atoms reads a feature the
+    event updates (or a time-dependent input, for timers), and so is every segment that
+    references an affected one with ``in()``."""
+    n_seg = len(progs)
+    feats: list[set] = []
+    timed: list[bool] = []
+    refs: list[set] = []
+    for prog in progs:
+        fs, tm, rs = set(), False, set()
+        for op, arg in prog:
+            if op != P_ATOM:
+                continue
+            kind, _, f, t0, t1, t2, t3 = b.atoms[arg][:7]
+            if kind in (A_COUNTK, A_ABANDON):
+                fs.add(f)
+            elif kind == A_IN:
+                rs.add(f)
+            elif kind in (A_NUM, A_TIME):
+                for lo, hi in ((t0, t1), (t2, t3)):
+                    for ti in range(lo, hi):
+                        if b.terms[ti][0] == T_FEAT:
+                            fs.add(b.terms[ti][1])
+                tm = tm or kind == A_TIME
+        tm = tm or any(p.features[f].kind in TIME_KINDS for f in fs)
+        feats.append(fs)
+        timed.append(tm)
+        refs.append(rs)
+
+    def closure(direct: set) -> list[int]:
+        out = set(direct)
+        for s in range(n_seg):          # topological order: references come first
+            if refs[s] & out:
+                out.add(s)
+        return sorted(out)
+
+    any_feats = set(codes.get(ANY, []))
+    es_start, es_list = [0], []
+    for c in range(n_codes + 1):
+        listen = any_feats | set(codes.get(c, [])) if c < n_codes else any_feats
+        es_list += closure({s for s in range(n_seg) if feats[s] & listen})
+        es_start.append(len(es_list))
+    time_segs = closure({s for s in range(n_seg) if timed[s]})
+    return es_start, es_list, time_segs
 
 
 def feature_map(new: Plan, old: Plan | None) -> np.ndarray:
