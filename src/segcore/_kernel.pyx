@@ -17,7 +17,7 @@ Invariants (see docs/semantics.md):
 """
 
 cimport cython
-from libc.stdint cimport int64_t, int32_t, uint32_t, uint8_t, INT64_MAX, INT64_MIN
+from libc.stdint cimport int64_t, int32_t, uint32_t, uint64_t, uint8_t, INT64_MAX, INT64_MIN
 from libc.math cimport isnan, NAN, INFINITY
 from libcpp.vector cimport vector
 from libcpp.pair cimport pair
@@ -1065,6 +1065,21 @@ cdef class Kernel:
         cdef int64_t ns = max(self.n_seg, 1)
         return self._members[u * ns: u * ns + self.n_seg].astype(bool)
 
+    def member_bits(self, const uint32_t[::1] uidx not None, const int32_t[::1] seg not None):
+        """Current membership flag of each (user, segment) pair."""
+        cdef Py_ssize_t n = uidx.shape[0], i
+        if seg.shape[0] != n:
+            raise ValueError("member_bits: columns differ in length")
+        for i in range(n):
+            if uidx[i] >= self.n_users or not 0 <= seg[i] < self.n_seg:
+                raise ValueError("member_bits: index out of range")
+        out = np.empty(n, dtype=np.bool_)
+        cdef uint8_t[::1] mo = out.view(np.uint8)
+        cdef int64_t ns = max(self.n_seg, 1)
+        for i in range(n):
+            mo[i] = self.members[<int64_t>uidx[i] * ns + seg[i]]
+        return out
+
     def migrate_from(self, Kernel old not None, const int32_t[::1] fmap not None,
                      const int32_t[::1] smap not None):
         """Take over users, time and the state of features/segments that survive a plan change.
@@ -1127,3 +1142,82 @@ cdef class Kernel:
             "heap_entries": self.heap.size(),
             "memory_bytes": int(arrays + pooled + self.heap.capacity() * sizeof(HeapItem)),
         }
+
+
+@cython.final
+cdef class IdMap:
+    """Open-addressing hash map from uint32 user numbers to dense int64 indices.
+
+    Linear probing, capacity a power of two, load factor at most 1/2.
+    """
+
+    cdef object _keys, _vals
+    cdef uint32_t* keys
+    cdef int64_t* vals
+    cdef readonly int64_t size, capacity
+
+    def __init__(self, int64_t capacity=1024):
+        cap = 16
+        while cap < 2 * capacity:
+            cap *= 2
+        self.size = 0
+        self._alloc(cap)
+
+    cdef void _alloc(self, int64_t cap) except *:
+        keys = np.zeros(cap, dtype=np.uint32)
+        vals = np.full(cap, -1, dtype=np.int64)
+        cdef uint32_t[::1] mk = keys
+        cdef int64_t[::1] mv = vals
+        self._keys, self._vals = keys, vals
+        self.keys = &mk[0]
+        self.vals = &mv[0]
+        self.capacity = cap
+
+    cdef inline int64_t _slot(self, uint32_t key) noexcept nogil:
+        cdef uint64_t h = (<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 17
+        cdef int64_t mask = self.capacity - 1
+        cdef int64_t i = <int64_t>(h & <uint64_t>mask)
+        while self.vals[i] >= 0 and self.keys[i] != key:
+            i = (i + 1) & mask
+        return i
+
+    def lookup(self, const uint32_t[::1] ids not None):
+        """Dense index of each id, -1 where unknown."""
+        cdef Py_ssize_t n = ids.shape[0], i
+        out = np.empty(n, dtype=np.int64)
+        cdef int64_t[::1] mo = out
+        with nogil:
+            for i in range(n):
+                mo[i] = self.vals[self._slot(ids[i])]
+        return out
+
+    def get(self, uint32_t key):
+        return self.vals[self._slot(key)]
+
+    def insert(self, const uint32_t[::1] ids not None, const int64_t[::1] dense not None):
+        """Add ids (not already present) with their dense indices."""
+        cdef Py_ssize_t n = ids.shape[0], i
+        cdef int64_t s
+        if dense.shape[0] != n:
+            raise ValueError("insert: ids and dense differ in length")
+        for i in range(n):
+            if dense[i] < 0:
+                raise ValueError("insert: dense indices must be >= 0")
+        if 2 * (self.size + n) > self.capacity:
+            self._grow(2 * (self.size + n))
+        for i in range(n):
+            s = self._slot(ids[i])
+            if self.vals[s] < 0:
+                self.size += 1
+            self.keys[s] = ids[i]
+            self.vals[s] = dense[i]
+
+    cdef void _grow(self, int64_t need) except *:
+        old_keys, old_vals = self._keys, self._vals
+        cap = self.capacity
+        while cap < 2 * need:
+            cap *= 2
+        self._alloc(cap)
+        self.size = 0
+        live = old_vals >= 0
+        self.insert(np.ascontiguousarray(old_keys[live]), np.ascontiguousarray(old_vals[live]))

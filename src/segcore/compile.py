@@ -76,6 +76,7 @@ class Plan:
         self.numeric: set[tuple[str, str]] = set()   # (event type, prop) that must be numeric
         self.trait_tests: list[R.Cond] = []
         self.score_names: list[str] = []
+        self.filter_events: list[set[str]] = []   # event types each where-filter applies to
         self.arrays: dict = {}
 
     def feature_index(self, spec: FeatureSpec) -> int | None:
@@ -378,6 +379,10 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
             p_arg.append(arg)
         p_start.append(len(p_op))
     filt = {R.to_json(w): i for i, w in enumerate(p.filters)}
+    p.filter_events = [set() for _ in p.filters]
+    for spec in p.features:
+        if spec.where is not None:
+            p.filter_events[filt[spec.where]].add(spec.event)
     es_start, es_list, time_segs = _segment_index(p, b, progs, codes, n_codes)
     terms = b.terms
     p.arrays = dict(

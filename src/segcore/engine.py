@@ -16,6 +16,7 @@ A story in four calls:
 
 from __future__ import annotations
 
+import array
 import datetime as _dt
 import logging
 import math
@@ -28,7 +29,7 @@ import numpy as np
 from pyroaring import BitMap, FrozenBitMap
 
 from . import rules as R
-from ._kernel import Kernel
+from ._kernel import IdMap, Kernel
 from .compile import Plan, compile_segments, feature_map
 from .errors import EventError, RuleError, SegcoreError
 from .hashing import bucket_of, buckets_of_ints
@@ -128,6 +129,11 @@ class Transitions:
         return Transitions(np.concatenate([p.user for p in parts]), np.concatenate(seg),
                            np.concatenate([p.entered for p in parts]),
                            np.concatenate([p.ts for p in parts]), names, parts[0]._strs)
+
+
+def _bitmap(numbers: np.ndarray) -> BitMap:
+    """A BitMap from a uint32 array, through the buffer protocol (no per-element Python)."""
+    return BitMap(array.array("I", np.ascontiguousarray(numbers, dtype=np.uint32).tobytes()))
 
 
 def _to_ms(value, field: str = "ts", index: int | None = None) -> int:
@@ -275,19 +281,38 @@ def _factorize(col: np.ndarray) -> tuple[list, np.ndarray]:
         vals: list = [float(u) for u in uniq] + [None]
         inv = np.where(nan, len(uniq), inv.reshape(-1))
         return vals, inv
-    index: dict = {}
-    vals = []
-    inv = np.empty(len(col), dtype=np.int64)
-    for i, v in enumerate(col.tolist()):
-        if _is_missing(v):
-            v = None
-        key = (type(v) is str, v)
-        j = index.get(key)
-        if j is None:
-            j = index[key] = len(vals)
-            vals.append(v)
-        inv[i] = j
-    return vals, inv
+    items = col.tolist()
+    # dict.fromkeys dedupes at C speed; equal numbers (1, 1.0, True) share one entry, which
+    # is what the semantics say (bools are numbers), and "1" stays apart from 1.
+    uniq = list(dict.fromkeys(items))
+    index = {v: i for i, v in enumerate(uniq)}
+    inv = np.fromiter(map(index.__getitem__, items), dtype=np.int64, count=len(items))
+    return [None if _is_missing(v) else v for v in uniq], inv
+
+
+def _factorize_checked(col: np.ndarray, field: str, rows=None) -> tuple[list, np.ndarray]:
+    """:func:`_factorize` of a property column, rejecting values that are not str, number,
+    bool or None (``rows`` maps positions back to batch rows for the error)."""
+    try:
+        vals, inv = _factorize(col)
+    except TypeError:
+        vals, inv = None, None
+    bad = None
+    if vals is not None:
+        for j, v in enumerate(vals):
+            if not (v is None or isinstance(v, (str, int, float, np.generic))):
+                bad = j
+                break
+        if bad is None:
+            return vals, inv
+        pos = int(np.flatnonzero(inv == bad)[0])
+    else:
+        pos = next(i for i, v in enumerate(col.tolist())
+                   if not (v is None or isinstance(v, (str, int, float, np.generic))))
+    row = pos if rows is None else int(rows[pos])
+    v = col[pos]
+    raise EventError(f"a property value must be a string, number, bool or None, got "
+                     f"{type(v).__name__}", index=row, field=field)
 
 
 def _where_mask(cond, cols: dict, n: int, cache: dict) -> np.ndarray:
@@ -308,7 +333,7 @@ def _where_mask(cond, cols: dict, n: int, cache: dict) -> np.ndarray:
     if col is None:
         return np.zeros(n, dtype=bool)
     if name not in cache:
-        cache[name] = _factorize(col)
+        cache[name] = _factorize_checked(col, f"props.{name}", cache.get("__rows__"))
     vals, inv = cache[name]
     res = np.fromiter((test_value(cond, v) for v in vals), dtype=bool, count=len(vals))
     return res[inv] if len(vals) else np.zeros(n, dtype=bool)
@@ -379,7 +404,8 @@ class Engine:
         self._dedup_ms = R.parse_duration(dedup_horizon)
         self._event_types = None if event_types is None else set(event_types)
         # ids
-        self._dense: dict[UserId, int] = {}
+        self._int_dense = IdMap()                  # int user id -> dense index
+        self._str_dense: dict[str, int] = {}       # string user id -> dense index
         self._pub = np.zeros(16, dtype=np.uint32)
         self._ext: list[UserId] = []
         self._str_num: dict[int, str] = {}
@@ -448,9 +474,16 @@ class Engine:
             c = self._values[key] = len(self._values)
         return c
 
+    def _dense_of(self, user) -> int | None:
+        """Dense index of a (validated) user id, or None for a user never seen."""
+        if isinstance(user, str):
+            return self._str_dense.get(user)
+        d = self._int_dense.get(int(user)) if 0 <= user < _U32 else -1
+        return None if d < 0 else int(d)
+
     def user_number(self, user: UserId) -> int:
         """The public number of a user (its id for ints; the number given to a string)."""
-        u = self._dense.get(user) if isinstance(user, (int, str)) and not isinstance(
+        u = self._dense_of(user) if isinstance(user, (int, str)) and not isinstance(
             user, bool) else None
         if u is None:
             raise KeyError(f"unknown user {user!r}")
@@ -461,7 +494,7 @@ class Engine:
         number = int(number)
         if number in self._str_num:
             return self._str_num[number]
-        if number in self._dense:
+        if 0 <= number < _U32 and self._int_dense.get(number) >= 0:
             return number
         raise KeyError(f"unknown user number {number}")
 
@@ -495,25 +528,24 @@ class Engine:
                 bad = int(np.flatnonzero((users < 0) | (users >= _U32))[0])
                 raise EventError(f"user id {int(users[bad])} is out of range [0, 2**32)",
                                  index=bad, field="user")
-            uniq, first, inv = np.unique(users, return_index=True, return_inverse=True)
-            dense_u = np.empty(len(uniq), dtype=np.int64)
-            new = []
-            for j, (u, fi) in enumerate(zip(uniq.tolist(), first.tolist())):
-                d = self._dense.get(u)
-                if d is None:
-                    if u in self._str_num:
-                        raise EventError(f"user number {u} is already given to string id "
-                                         f"{self._str_num[u]!r}", index=fi, field="user")
-                    new.append((fi, u))
-                    d = -1
-                dense_u[j] = d
-            new.sort()
-            return dense_u[inv.reshape(-1)], [u for _, u in new]
+            dense = self._int_dense.lookup(np.ascontiguousarray(users, dtype=np.uint32))
+            missing = np.flatnonzero(dense < 0)
+            if not len(missing):
+                return dense, []
+            # new users, in order of first appearance
+            uniq, first = np.unique(users[missing], return_index=True)
+            order = np.argsort(first, kind="stable")
+            new = uniq[order].tolist()
+            for u, fi in zip(new, missing[first[order]].tolist()):
+                if u in self._str_num:
+                    raise EventError(f"user number {u} is already given to string id "
+                                     f"{self._str_num[u]!r}", index=fi, field="user")
+            return dense, new
         out = np.empty(n, dtype=np.int64)
         seen_new: dict = {}
         for i, u in enumerate(users.tolist()):
             u = self._check_user(u, i)
-            d = self._dense.get(u)
+            d = self._dense_of(u)
             if d is None:
                 seen_new.setdefault(u, i)
                 d = -1
@@ -532,17 +564,21 @@ class Engine:
         nums = np.empty(len(new), dtype=np.int64)
         for i, u in enumerate(new):
             if isinstance(u, str):
-                while self._next_str in self._dense or self._next_str in self._str_num:
+                while self._int_dense.get(self._next_str) >= 0 or \
+                        self._next_str in self._str_num:
                     self._next_str -= 1
                 nums[i] = self._next_str
                 self._str_num[self._next_str] = u
                 self._next_str -= 1
+                self._str_dense[u] = n0 + i
             else:
                 nums[i] = u
-            self._dense[u] = n0 + i
         self._ext.extend(new)
         self._pub[n0:need] = nums
         is_int = np.fromiter((not isinstance(u, str) for u in new), dtype=bool, count=len(new))
+        if is_int.any():
+            self._int_dense.insert(nums[is_int].astype(np.uint32),
+                                   np.flatnonzero(is_int).astype(np.int64) + n0)
         buckets = np.empty(len(new), dtype=np.int32)
         if is_int.any():
             buckets[is_int] = buckets_of_ints(nums[is_int], self._seed)
@@ -643,7 +679,7 @@ class Engine:
                         "tracked); define it before tracking them",
                         segment=new_names[0] if len(new_names) == 1 else None)
         self._catch_up(clock_ms)
-        pending = self._kernel.take_transitions()
+        before = self._collect(self._kernel, tuple(old.names))
         kernel = Kernel(plan.arrays)
         smap = np.array([old.names.index(n) if n in old.names else -1 for n in plan.names],
                         dtype=np.int32)
@@ -656,7 +692,6 @@ class Engine:
         for n in new_names:
             self._bitmaps[n] = BitMap()
         kernel.eval_all()
-        before = self._batch(pending, tuple(old.names))
         return self._drain([before] if len(before) else [])
 
     def _require_segment(self, name: str) -> None:
@@ -715,8 +750,8 @@ class Engine:
                 raise EventError("trait names must be non-empty strings", field="traits")
             clean[k] = self._check_profile_value(v, "trait", k)
         self._catch_up(clock_ms)
-        self._create_users([user] if user not in self._dense else [])
-        d = self._dense[user]
+        self._create_users([user] if self._dense_of(user) is None else [])
+        d = self._dense_of(user)
         cur = self._traits.setdefault(d, {})
         for k, v in clean.items():
             if v is None:
@@ -751,8 +786,7 @@ class Engine:
         self._catch_up(clock_ms)
         self._create_users(new)
         if new:
-            dense = np.array([self._dense[self._check_user(u)] for u in users.tolist()],
-                             dtype=np.int64)
+            dense = self._resolve_users(users)[0]
         order: list[int] = []
         seen = set()
         for i, d in enumerate(dense.tolist()):
@@ -787,8 +821,8 @@ class Engine:
                                  field=f"scores.{k}")
             clean[k] = None if v is None else float(v)
         self._catch_up(clock_ms)
-        self._create_users([user] if user not in self._dense else [])
-        d = self._dense[user]
+        self._create_users([user] if self._dense_of(user) is None else [])
+        d = self._dense_of(user)
         cur = self._scores.setdefault(d, {})
         for k, v in clean.items():
             if v is None:
@@ -1009,8 +1043,7 @@ class Engine:
             ecodes = codes[inv] if len(names) else np.zeros(n, np.int32)
         self._create_users(new_users)
         if new_users:
-            dense = np.array([self._dense.get(self._check_user(u), -1)
-                              for u in users.tolist()], dtype=np.int64)
+            dense = self._resolve_users(users)[0]
         dups = None
         if keep is not None and not keep.all():
             dups = np.flatnonzero(~keep)
@@ -1040,9 +1073,20 @@ class Engine:
         fpass = np.zeros((n, nf), dtype=np.uint8)
         vals = np.full((n, nv), np.nan, dtype=np.float64)
         keys = np.full((n, nk), -1, dtype=np.int64)
-        cache: dict = {}
         for j, w in enumerate(plan.filters):
-            fpass[:, j] = _where_mask(w, cols, n, cache)
+            # only rows of the event types that use this filter need it
+            codes = [self._codes[e] for e in plan.filter_events[j] if e in self._codes]
+            if names is not None:
+                rows = np.flatnonzero(np.isin(inv, [i for i, nm in enumerate(names)
+                                                    if nm in plan.filter_events[j]]))
+            else:
+                rows = np.flatnonzero(np.isin(ecodes, codes))
+            if not len(rows):
+                continue
+            sub = {k: c[rows] for k, c in cols.items()} if len(rows) < n else cols
+            fcache: dict = {"__rows__": rows}
+            fpass[rows, j] = _where_mask(w, sub, len(rows), fcache)
+        cache: dict = {}
         # which rows must carry a number in each numeric prop
         for j, p in enumerate(plan.val_props):
             col = cols.get(p)
@@ -1074,9 +1118,7 @@ class Engine:
             col = cols.get(p)
             if col is None:
                 continue
-            if p not in cache:
-                cache[p] = _factorize(col)
-            uvals, uinv = cache[p]
+            uvals, uinv = _factorize_checked(col, f"props.{p}")
             codes = np.array([-1 if v is None else self._value_code(v) for v in uvals],
                              dtype=np.int64)
             keys[:, j] = codes[uinv] if len(uvals) else -1
@@ -1109,39 +1151,38 @@ class Engine:
         return keep
 
     # ------------------------------------------------------------------ transitions
-    def _batch(self, cols, names) -> Transitions:
-        u, s, e, t = cols
-        return Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
-                           names, self._str_num)
+    def _collect(self, kernel, names: tuple) -> Transitions:
+        """Drain a kernel's transitions into a batch and bring the bitmaps up to date."""
+        u, s, e, t = kernel.take_transitions()
+        batch = Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
+                            names, self._str_num)
+        if len(u):
+            # A user's final state in a segment is the kernel's member bit, whatever happened
+            # in between: add those in, take those out (no need to order the transitions).
+            final = kernel.member_bits(u, s)
+            for k in np.flatnonzero(np.bincount(s, minlength=len(names))):
+                bm = self._bitmaps.get(names[k])
+                if bm is None:
+                    continue
+                m = s == k
+                ins = batch.user[m & final]
+                if len(ins):
+                    bm |= _bitmap(ins)
+                outs = batch.user[m & ~final]
+                if len(outs):
+                    bm -= _bitmap(outs)
+        return batch
 
     def _drain(self, prefix: list) -> Transitions:
         names = tuple(self._plan.names)
-        batch = self._batch(self._kernel.take_transitions(), names)
+        batch = self._collect(self._kernel, names)
         if prefix:
             batch = Transitions.concat(prefix + [batch], names)
         if len(batch):
             self._stats["transitions"] += len(batch)
-            self._apply_bitmaps(batch)
             if self._callbacks:
                 self._fire(batch)
         return batch
-
-    def _apply_bitmaps(self, b: Transitions) -> None:
-        for k in np.unique(b.segment):
-            name = b.segment_names[k]
-            bm = self._bitmaps.get(name)
-            if bm is None:
-                continue
-            idx = np.flatnonzero(b.segment == k)
-            users = b.user[idx]
-            ent = b.entered[idx]
-            # the last transition of each user decides its final state
-            rev_u, rev_first = np.unique(users[::-1], return_index=True)
-            last = ent[::-1][rev_first]
-            if last.any():
-                bm |= BitMap(rev_u[last])
-            if not last.all():
-                bm -= BitMap(rev_u[~last])
 
     def _fire(self, b: Transitions) -> None:
         for i in range(len(b)):
@@ -1204,7 +1245,7 @@ class Engine:
         if isinstance(user, bool) or not isinstance(user, (int, str, np.integer)):
             raise EventError("a user id must be an int or a string", field="user")
         self._read_sync()
-        d = self._dense.get(int(user) if isinstance(user, np.integer) else user)
+        d = self._dense_of(int(user) if isinstance(user, np.integer) else user)
         if d is None:
             return []
         row = self._kernel.member_row(d)
