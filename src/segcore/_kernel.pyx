@@ -975,6 +975,28 @@ cdef class Kernel:
                            self.es_start[c + 1] - self.es_start[c])
         return self.tr_u.size()
 
+    def track_one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t[::1] fpass not None,
+                  const double[::1] vals not None, const int64_t[::1] keys not None):
+        """One event (the single-event fast path): same contract as :meth:`track`."""
+        cdef int32_t c
+        if u >= self.n_users:
+            raise ValueError(f"track_one: user index {u} out of range")
+        if ts < 0 or ts >= (<int64_t>1 << 48) or e < 0:
+            raise ValueError("track_one: bad event code or ts")
+        if fpass.shape[0] < self.n_filter or vals.shape[0] < self.n_val or \
+                keys.shape[0] < self.n_key:
+            raise ValueError("track_one: property columns have the wrong size")
+        with nogil:
+            if ts > self.now:
+                self._advance(ts)
+            self._apply(u, e, ts, &fpass[0] if self.n_filter else NULL,
+                        &vals[0] if self.n_val else NULL, &keys[0] if self.n_key else NULL)
+            c = e if e < self.n_codes else self.n_codes
+            self._eval(u, self.now, &self.es_list[0] + self.es_start[c]
+                       if self.es_list.shape[0] else NULL,
+                       self.es_start[c + 1] - self.es_start[c])
+        return self.tr_u.size()
+
     def advance(self, int64_t t):
         """Move time to ``t`` (no-op if not later than now), firing every due timer in order."""
         if t >= (<int64_t>1 << 48):
@@ -1057,6 +1079,17 @@ cdef class Kernel:
         self.tr_e.clear()
         self.tr_t.clear()
         return u, s, e, t
+
+    def take_transitions_list(self):
+        """Drain the transition buffer as a list of (user idx, segment, entered, ts) tuples
+        (cheaper than arrays for the few transitions of a single event)."""
+        cdef Py_ssize_t i, n = self.tr_u.size()
+        out = [(self.tr_u[i], self.tr_s[i], self.tr_e[i] != 0, self.tr_t[i]) for i in range(n)]
+        self.tr_u.clear()
+        self.tr_s.clear()
+        self.tr_e.clear()
+        self.tr_t.clear()
+        return out
 
     def member_row(self, uint32_t u):
         """Membership flags of user ``u`` in segment (plan) order."""

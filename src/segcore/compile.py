@@ -77,6 +77,7 @@ class Plan:
         self.trait_tests: list[R.Cond] = []
         self.score_names: list[str] = []
         self.filter_events: list[set[str]] = []   # event types each where-filter applies to
+        self.key_events: dict[str, set[str]] = {}  # key prop -> event types that read it
         self.arrays: dict = {}
 
     def feature_index(self, spec: FeatureSpec) -> int | None:
@@ -383,6 +384,8 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
     for spec in p.features:
         if spec.where is not None:
             p.filter_events[filt[spec.where]].add(spec.event)
+        if spec.key is not None:
+            p.key_events.setdefault(spec.key, set()).update(spec.events)
     es_start, es_list, time_segs = _segment_index(p, b, progs, codes, n_codes)
     terms = b.terms
     p.arrays = dict(

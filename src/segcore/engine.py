@@ -423,13 +423,20 @@ class Engine:
         # segments
         self._asts: dict[str, R.Cond] = {}
         self._texts: dict[str, str] = {}
-        self._plan: Plan = compile_segments({}, self._event_code)
+        self._set_plan(compile_segments({}, self._event_code))
         self._kernel = Kernel(self._plan.arrays)
         self._bitmaps: dict[str, BitMap] = {}
         self._all = BitMap()
         self._callbacks: dict[tuple[str, bool], list] = {}
         self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
                        "batches": 0}
+
+    def _set_plan(self, plan: Plan) -> None:
+        self._plan = plan
+        self._inputs_cache: dict = {}
+        self._one_bufs = (np.zeros(max(1, len(plan.filters)), np.uint8),
+                          np.full(max(1, len(plan.val_props)), np.nan, np.float64),
+                          np.full(max(1, len(plan.key_props)), -1, np.int64))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -580,10 +587,14 @@ class Engine:
             self._int_dense.insert(nums[is_int].astype(np.uint32),
                                    np.flatnonzero(is_int).astype(np.int64) + n0)
         buckets = np.empty(len(new), dtype=np.int32)
-        if is_int.any():
-            buckets[is_int] = buckets_of_ints(nums[is_int], self._seed)
-        for i in np.flatnonzero(~is_int):
-            buckets[i] = bucket_of(new[i], self._seed)
+        if len(new) < 16:
+            for i, u in enumerate(new):
+                buckets[i] = bucket_of(u, self._seed)
+        else:
+            if is_int.any():
+                buckets[is_int] = buckets_of_ints(nums[is_int], self._seed)
+            for i in np.flatnonzero(~is_int):
+                buckets[i] = bucket_of(new[i], self._seed)
         self._kernel.add_users(len(new), buckets)
         self._all.update(nums.astype(np.uint32))
 
@@ -685,7 +696,7 @@ class Engine:
                         dtype=np.int32)
         kernel.migrate_from(self._kernel, fmap, smap)
         self._kernel = kernel
-        self._plan = plan
+        self._set_plan(plan)
         self._asts = asts
         self._texts = texts
         self._push_all_profiles()
@@ -871,34 +882,89 @@ class Engine:
         properties (str, number, bool or None). ``id`` is an optional message id: a repeated
         id within the dedup horizon is ignored (and counted in ``stats()["duplicates"]``).
         """
-        if props is not None and not isinstance(props, Mapping):
+        if props is None:
+            props = {}
+        elif not isinstance(props, Mapping):
             raise EventError("props must be a mapping of name -> value", field="props")
-        user = self._check_user(user)
+        if not (type(user) is int and 0 <= user < _U32 and user not in self._str_num):
+            user = self._check_user(user)
         if not isinstance(event, str) or not event:
             raise EventError("event must be a non-empty string", field="event")
         clock_ms = self._read_clock()
         if ts is None:
-            ts = clock_ms if clock_ms is not None else self.now
-        t = _to_ms(ts)
-        cols = {}
-        for k, v in (props or {}).items():
+            ts = clock_ms if clock_ms is not None else self._kernel.now
+        t = ts if type(ts) is int and 0 <= ts < _MAX_TS else _to_ms(ts)
+        if clock_ms is not None and t > clock_ms + self._max_future_ms:
+            raise EventError(f"`ts` {t} is more than max_future ahead of the clock "
+                             f"({clock_ms})", field="ts")
+        for k, v in props.items():
             if not isinstance(k, str):
                 raise EventError("property names must be strings", field="props")
-            if not (v is None or isinstance(v, (str, int, float, bool, np.generic))):
+            if not (v is None or isinstance(v, (str, int, float, np.generic))):
                 raise EventError(f"property `{k}` must be a string, number, bool or None, got "
                                  f"{type(v).__name__}", field=f"props.{k}")
-            arr = np.empty(1, dtype=object)
-            arr[0] = v
-            cols[k] = arr
-        ids = None
+        filters, vals, keys = self._event_inputs(event)
+        for j, p in vals:
+            v = props.get(p)
+            if v is not None and not _is_num(v):
+                raise EventError(f"`{p}` of `{event}` events must be a number (it is "
+                                 f"aggregated), got {type(v).__name__}", field=f"props.{p}")
         if id is not None:
-            ids = np.empty(1, dtype=object)
-            ids[0] = id
-        users = np.empty(1, dtype=object)
-        users[0] = user
-        return list(self._ingest(users, np.array([event], dtype=object),
-                                 np.array([t], dtype=np.int64), cols, ids, single=True,
-                                 clock_ms=clock_ms))
+            if not isinstance(id, (str, int)) or isinstance(id, bool):
+                raise EventError(f"a message id must be a string or int, got "
+                                 f"{type(id).__name__}", field="id")
+            now = self._kernel.now
+            t0 = self._seen_ids.get(id)
+            if t0 is not None and now - t0 <= self._dedup_ms:
+                self._stats["duplicates"] += 1
+                self._catch_up(clock_ms)
+                return list(self._drain([]))
+            self._remember_id(id, max(now, t))
+        # ---- accepted: apply
+        self._catch_up(clock_ms)
+        code = self._codes.get(event)
+        if code is None:
+            code = self._event_code(event)
+        d = self._dense_of(user)
+        if d is None:
+            self._create_users([user])
+            d = self._dense_of(user)
+        fbuf, vbuf, kbuf = self._one_bufs
+        for j, where in filters:
+            fbuf[j] = eval_cond_scalar(where, props.get)
+        for j, p in vals:
+            v = props.get(p)
+            vbuf[j] = np.nan if v is None else float(v)
+        for j, p in keys:
+            v = props.get(p)
+            kbuf[j] = -1 if _is_missing(v) else self._value_code(_norm(v))
+        pending = self._kernel.track_one(d, code, t, fbuf, vbuf, kbuf)
+        self._stats["events"] += 1
+        self._stats["batches"] += 1
+        self._event_counts[code] += 1
+        return self._drain_list() if pending else []
+
+    def _event_inputs(self, event: str) -> tuple:
+        """What the kernel needs from one event of this type: (filter column, where-clause),
+        (value column, prop) and (key column, prop) pairs. Cached per plan."""
+        got = self._inputs_cache.get(event)
+        if got is None:
+            plan = self._plan
+            filters = [(j, w) for j, w in enumerate(plan.filters)
+                       if event in plan.filter_events[j]]
+            vals = [(j, p) for j, p in enumerate(plan.val_props) if (event, p) in plan.numeric]
+            keys = [(j, p) for j, p in enumerate(plan.key_props)
+                    if event in plan.key_events.get(p, ())]
+            got = self._inputs_cache[event] = (filters, vals, keys)
+        return got
+
+    def _remember_id(self, mid, t: int) -> None:
+        seen = self._seen_ids
+        seen[mid] = t
+        if len(seen) > 2 * self._ids_pruned_at + 1024:
+            cut = self._kernel.now - self._dedup_ms
+            self._seen_ids = {k: v for k, v in seen.items() if v >= cut}
+            self._ids_pruned_at = len(self._seen_ids)
 
     def track_many(self, user, event, ts, props: Mapping[str, Any] | None = None,
                    id=None) -> Transitions:
@@ -1143,11 +1209,8 @@ class Engine:
                 continue
             if tss[i] > now:
                 now = int(tss[i])
-            seen[mid] = now
-        if len(seen) > 2 * self._ids_pruned_at + 1024:
-            cut = now - horizon
-            self._seen_ids = {k: v for k, v in seen.items() if v >= cut}
-            self._ids_pruned_at = len(self._seen_ids)
+            self._remember_id(mid, now)
+            seen = self._seen_ids
         return keep
 
     # ------------------------------------------------------------------ transitions
@@ -1156,7 +1219,12 @@ class Engine:
         u, s, e, t = kernel.take_transitions()
         batch = Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
                             names, self._str_num)
-        if len(u):
+        if 0 < len(u) <= 8:
+            for num, seg, ent in zip(batch.user.tolist(), s.tolist(), e.tolist()):
+                bm = self._bitmaps.get(names[seg])
+                if bm is not None:
+                    (bm.add if ent else bm.discard)(num)
+        elif len(u):
             # A user's final state in a segment is the kernel's member bit, whatever happened
             # in between: add those in, take those out (no need to order the transitions).
             final = kernel.member_bits(u, s)
@@ -1173,6 +1241,23 @@ class Engine:
                     bm -= _bitmap(outs)
         return batch
 
+    def _drain_list(self) -> list[Transition]:
+        """:meth:`_drain` for the handful of transitions one event causes, without arrays."""
+        names = self._plan.names
+        pub, strs, bitmaps = self._pub, self._str_num, self._bitmaps
+        out = []
+        for d, seg, ent, ts in self._kernel.take_transitions_list():
+            num = int(pub[d])
+            name = names[seg]
+            bm = bitmaps.get(name)
+            if bm is not None:
+                (bm.add if ent else bm.discard)(num)
+            out.append(Transition(strs.get(num, num), name, ent, ts))
+        self._stats["transitions"] += len(out)
+        if self._callbacks and out:
+            self._fire_list(out)
+        return out
+
     def _drain(self, prefix: list) -> Transitions:
         names = tuple(self._plan.names)
         batch = self._collect(self._kernel, names)
@@ -1187,10 +1272,14 @@ class Engine:
     def _fire(self, b: Transitions) -> None:
         for i in range(len(b)):
             name = b.segment_names[b.segment[i]]
-            fns = self._callbacks.get((name, bool(b.entered[i])))
+            if self._callbacks.get((name, bool(b.entered[i]))):
+                self._fire_list([b._item(i)])
+
+    def _fire_list(self, transitions: list[Transition]) -> None:
+        for tr in transitions:
+            fns = self._callbacks.get((tr.segment, tr.entered))
             if not fns:
                 continue
-            tr = b._item(i)
             for fn in list(fns):
                 try:
                     fn(tr)
