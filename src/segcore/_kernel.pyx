@@ -48,6 +48,7 @@ cdef enum:
     K_DISTINCT = 7
     K_ABANDON = 8
     K_ABANDON_BY = 9
+    K_SUM = 10
     A_CONST = 0
     A_COUNTK = 1
     A_NUM = 2
@@ -270,7 +271,7 @@ cdef class Kernel:
                 raise ValueError("plan: variable feature without a pool")
             if self.f_kind[f] == K_ABANDON_BY and self.f_key[f] < 0:
                 raise ValueError("plan: keyed abandon without a key column")
-            if self.f_kind[f] < K_TOPK or self.f_kind[f] > K_ABANDON_BY:
+            if self.f_kind[f] < K_TOPK or self.f_kind[f] > K_SUM:
                 raise ValueError("plan: unknown feature kind")
         for i in range(self.lst_feat.shape[0]):
             if not 0 <= self.lst_feat[i] < self.n_feat:
@@ -383,7 +384,9 @@ cdef class Kernel:
         return 0
 
     cdef int _fsize(self, int f):
-        return 3 if self.f_kind[f] == K_STATS else 0
+        if self.f_kind[f] == K_STATS:
+            return 3
+        return 1 if self.f_kind[f] == K_SUM else 0
 
     # ------------------------------------------------------------------ storage
     cdef void _alloc(self, int64_t cap) except *:
@@ -391,13 +394,14 @@ cdef class Kernel:
         cdef int64_t istride = max(self.istride, 1)
         cdef int64_t fstride = max(self.fstride, 1)
         cdef int64_t nseg = max(self.n_seg, 1)
-        cdef int64_t ntr = max(self.n_trait, 1)
-        cdef int64_t nsc = max(self.n_score, 1)
+        cdef int64_t ntr = self.n_trait
+        cdef int64_t nsc = self.n_score
         istate = np.zeros(cap * istride, dtype=np.int64)
         fstate = np.zeros(cap * fstride, dtype=np.float64)
         members = np.zeros(cap * nseg, dtype=np.uint8)
-        tbits = np.zeros(cap * ntr, dtype=np.uint8)
-        scores = np.full(cap * nsc, np.nan, dtype=np.float64)
+        # (one spare element keeps the pointers valid when no rule uses traits or scores)
+        tbits = np.zeros(cap * ntr + 1, dtype=np.uint8)
+        scores = np.full(cap * nsc + 1, np.nan, dtype=np.float64)
         bucket = np.zeros(cap, dtype=np.int32)
         wake = np.full(cap, INT64_MAX, dtype=np.int64)
         fresh = np.zeros(cap, dtype=np.uint8)
@@ -514,6 +518,9 @@ cdef class Kernel:
                     fst[2] = v
             ist[0] += 1
             fst[0] += v
+        elif kind == K_SUM:
+            if not isnan(v):
+                (self.fstate + <int64_t>u * self.fstride + self.f_foff[f])[0] += v
         elif kind == K_FIRST:
             if ts < ist[0]:
                 ist[0] = ts
@@ -631,6 +638,9 @@ cdef class Kernel:
                 out[0] = fst[1]
             else:
                 out[0] = fst[2]
+            return True
+        if kind == K_SUM:
+            out[0] = fst[0]
             return True
         if kind == K_FIRST:
             if ist[0] == INT64_MAX:

@@ -30,8 +30,8 @@ from .errors import RuleError
 __all__ = ["Plan", "compile_segments", "FeatureSpec"]
 
 # feature kinds (mirrored in _kernel.pyx)
-K_TOPK, K_COUNT, K_STATS, K_FIRST, K_LAST, K_WLIST, K_DISTINCT, K_ABANDON, K_ABANDON_BY = \
-    range(1, 10)
+K_TOPK, K_COUNT, K_STATS, K_FIRST, K_LAST, K_WLIST, K_DISTINCT, K_ABANDON, K_ABANDON_BY, \
+    K_SUM = range(1, 11)
 TIME_KINDS = (K_TOPK, K_WLIST, K_ABANDON, K_ABANDON_BY)
 VAR_KINDS = (K_WLIST, K_DISTINCT, K_ABANDON_BY)
 # atoms
@@ -148,15 +148,18 @@ class _Builder:
             self.cond(c.item, prog)
             prog.append((P_NOT, 0))
         elif isinstance(c, R.Seen):
-            f = self.feature(FeatureSpec(K_COUNT, None))
-            prog.append((P_ATOM, self.atom(A_COUNTK, OPS[">="], f, k=1.0)))
+            # seen <=> first_seen exists: shares the timestamp `first_seen` rules keep anyway
+            t0, t1 = self.side(R.FirstSeen())
+            prog.append((P_ATOM, self.atom(A_NUM, OPS["exists"], t0=t0, t1=t1)))
         elif isinstance(c, R.InSegment):
             prog.append((P_ATOM, self.atom(A_IN, f=self.seg_index[c.name])))
         elif isinstance(c, R.Bucket):
             prog.append((P_ATOM, self.atom(A_BUCKET, t0=c.lo, t1=c.hi)))
         elif isinstance(c, R.Inactive):
-            f = self.feature(FeatureSpec(K_TOPK, None, window_ms=c.window_ms), 1)
-            prog.append((P_ATOM, self.atom(A_COUNTK, OPS[">="], f, k=1.0)))
+            # inactive(W) <=> not (last_seen > now - W): an age test on one shared timestamp,
+            # true for a user without events (the test on a missing value is false)
+            prog.append((P_ATOM, self.time_atom(
+                R.Compare(">", R.LastSeen(), R.Arith("-", R.Now(), R.Dur(c.window_ms))))))
             prog.append((P_NOT, 0))
         elif isinstance(c, R.Abandoned):
             if c.by is None:
@@ -266,6 +269,8 @@ class _Builder:
                 return self.feature(FeatureSpec(K_COUNT, a.event, where=fkey))
             if a.fn == "distinct":
                 return self.feature(FeatureSpec(K_DISTINCT, a.event, where=fkey, key=a.prop))
+            if a.fn == "sum":       # a running sum alone: 8 bytes instead of 32
+                return self.feature(FeatureSpec(K_SUM, a.event, where=fkey, val=a.prop))
             return self.feature(FeatureSpec(K_STATS, a.event, where=fkey, val=a.prop))
         if a.fn == "count":
             return self.feature(FeatureSpec(K_WLIST, a.event, where=fkey,
@@ -355,6 +360,9 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
         if spec.kind == K_STATS:
             frow += [0.0, 0.0, 0.0]
             foff += 3
+        elif spec.kind == K_SUM:
+            frow.append(0.0)
+            foff += 1
         if spec.kind in VAR_KINDS:
             f_var.append(n_var)
             n_var += 1

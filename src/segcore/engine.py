@@ -407,7 +407,7 @@ class Engine:
         self._int_dense = IdMap()                  # int user id -> dense index
         self._str_dense: dict[str, int] = {}       # string user id -> dense index
         self._pub = np.zeros(16, dtype=np.uint32)
-        self._ext: list[UserId] = []
+        self._n_users = 0
         self._str_num: dict[int, str] = {}
         self._next_str = _U32 - 1
         # events
@@ -418,7 +418,7 @@ class Engine:
         self._seen_ids: dict = {}
         self._ids_pruned_at = 0
         # profiles
-        self._traits: dict[int, dict] = {}
+        self._traits = _TraitStore()
         self._scores: dict[int, dict] = {}
         # segments
         self._asts: dict[str, R.Cond] = {}
@@ -562,7 +562,7 @@ class Engine:
     def _create_users(self, new: list) -> None:
         if not new:
             return
-        n0 = len(self._ext)
+        n0 = self._n_users
         need = n0 + len(new)
         if need > len(self._pub):
             grown = np.zeros(max(need, 2 * len(self._pub)), dtype=np.uint32)
@@ -580,7 +580,8 @@ class Engine:
                 self._str_dense[u] = n0 + i
             else:
                 nums[i] = u
-        self._ext.extend(new)
+        self._n_users = need
+        self._traits.reserve(need)
         self._pub[n0:need] = nums
         is_int = np.fromiter((not isinstance(u, str) for u in new), dtype=bool, count=len(new))
         if is_int.any():
@@ -710,11 +711,6 @@ class Engine:
             raise RuleError(f"unknown segment `{name}`{R._suggest(str(name), self._asts)}")
 
     # ------------------------------------------------------------------ profiles
-    def _trait_bits(self, dense: int) -> np.ndarray:
-        traits = self._traits.get(dense, {})
-        get = traits.get
-        return np.fromiter((eval_cond_scalar(t, get) for t in self._plan.trait_tests),
-                           dtype=np.uint8, count=len(self._plan.trait_tests))
 
     def _score_row(self, dense: int) -> np.ndarray:
         sc = self._scores.get(dense, {})
@@ -725,14 +721,15 @@ class Engine:
             return
         idx = np.array(dense, dtype=np.uint32)
         if self._plan.trait_tests:
-            bits = np.concatenate([self._trait_bits(d) for d in dense])
-            self._kernel.set_trait_bits(idx, bits)
+            bits = self._traits.test_bits(self._plan.trait_tests, idx)
+            self._kernel.set_trait_bits(idx, bits.reshape(-1))
         if self._plan.score_names:
             vals = np.concatenate([self._score_row(d) for d in dense])
             self._kernel.set_scores(idx, vals)
 
     def _push_all_profiles(self) -> None:
-        self._push_profiles(sorted(set(self._traits) | set(self._scores)))
+        users = set(self._traits.users().tolist()) | set(self._scores)
+        self._push_profiles(sorted(users))
 
     @staticmethod
     def _check_profile_value(v, what: str, key: str, index=None):
@@ -763,14 +760,11 @@ class Engine:
         self._catch_up(clock_ms)
         self._create_users([user] if self._dense_of(user) is None else [])
         d = self._dense_of(user)
-        cur = self._traits.setdefault(d, {})
+        idx = np.array([d], dtype=np.int64)
         for k, v in clean.items():
-            if v is None:
-                cur.pop(k, None)
-            else:
-                cur[k] = v
-        if not cur:
-            del self._traits[d]
+            col = np.empty(1, dtype=object)
+            col[0] = v
+            self._traits.set(k, idx, col)
         self._push_profiles([d])
         self._kernel.eval_users(np.array([d], dtype=np.uint32))
         return list(self._drain([]))
@@ -790,31 +784,24 @@ class Engine:
         users = _as_column(user, n, "user")
         cols = {}
         for k, col in traits.items():
-            cols[k] = _as_column(col, n, f"traits.{k}").tolist()
-            for i, v in enumerate(cols[k]):
-                cols[k][i] = self._check_profile_value(v, "trait", k, index=i)
+            if not isinstance(k, str) or not k:
+                raise EventError("trait names must be non-empty strings", field="traits")
+            arr = _as_column(col, n, f"traits.{k}")
+            cols[k] = _TraitStore.check_column(arr, k)
         dense, new = self._resolve_users(users)
         self._catch_up(clock_ms)
         self._create_users(new)
         if new:
             dense = self._resolve_users(users)[0]
-        order: list[int] = []
-        seen = set()
-        for i, d in enumerate(dense.tolist()):
-            cur = self._traits.setdefault(d, {})
-            for k, col in cols.items():
-                v = col[i]
-                if v is None:
-                    cur.pop(k, None)
-                else:
-                    cur[k] = v
-            if not cur:
-                del self._traits[d]
-            if d not in seen:
-                seen.add(d)
-                order.append(d)
-        self._push_profiles(order)
-        self._kernel.eval_users(np.array(order, dtype=np.uint32))
+        # rows apply in order: for a user named twice, the last row wins
+        rev_u, rev_first = np.unique(dense[::-1], return_index=True)
+        last = n - 1 - rev_first
+        for k, col in cols.items():
+            self._traits.set(k, rev_u, col[last])
+        _, first = np.unique(dense, return_index=True)
+        order = dense[np.sort(first)]
+        self._push_profiles(order.tolist())
+        self._kernel.eval_users(order.astype(np.uint32))
         return self._drain([])
 
     def set_scores(self, user: UserId, scores: Mapping[str, Any]) -> list[Transition]:
@@ -1361,7 +1348,7 @@ class Engine:
         self._read_sync()
         k = self._kernel.stats()
         return {
-            "now": self.now, "users": len(self._ext), "events": self._stats["events"],
+            "now": self.now, "users": self._n_users, "events": self._stats["events"],
             "batches": self._stats["batches"], "duplicates": self._stats["duplicates"],
             "transitions": self._stats["transitions"], "segments": len(self._asts),
             "features": len(self._plan.features), "timers": k["timers"],
@@ -1370,8 +1357,78 @@ class Engine:
         }
 
     def __repr__(self) -> str:
-        return (f"<segcore.Engine: {len(self._asts)} segments, {len(self._ext)} users, "
+        return (f"<segcore.Engine: {len(self._asts)} segments, {self._n_users} users, "
                 f"now={self.now}>")
+
+
+class _TraitStore:
+    """Users' traits as columns: one object array per trait name, indexed by dense user,
+    ``None`` where absent; equal values share one object (countries cost 8 bytes a user)."""
+
+    def __init__(self):
+        self.cols: dict[str, np.ndarray] = {}
+        self.cap = 0
+        self._intern: dict = {}
+
+    def reserve(self, n: int) -> None:
+        if n <= self.cap:
+            return
+        cap = max(n, 2 * self.cap, 16)
+        for k, col in self.cols.items():
+            grown = np.full(cap, None, dtype=object)
+            grown[: self.cap] = col
+            self.cols[k] = grown
+        self.cap = cap
+
+    @staticmethod
+    def check_column(arr: np.ndarray, name: str) -> np.ndarray:
+        """Validated object column of trait values (None/NaN = delete)."""
+        vals, inv = _factorize(arr) if len(arr) else ([], np.zeros(0, np.int64))
+        for j, v in enumerate(vals):
+            if not (v is None or isinstance(v, (str, int, float, np.generic))):
+                i = int(np.flatnonzero(inv == j)[0])
+                raise EventError(f"trait `{name}` must be a string, number, bool or None, got "
+                                 f"{type(v).__name__}", index=i, field=f"traits.{name}")
+        uniq = np.empty(len(vals), dtype=object)
+        for j, v in enumerate(vals):
+            uniq[j] = None if v is None else _norm(v)
+        return uniq[inv] if len(vals) else np.empty(0, dtype=object)
+
+    def set(self, name: str, dense: np.ndarray, values: np.ndarray) -> None:
+        col = self.cols.get(name)
+        if col is None:
+            col = self.cols[name] = np.full(self.cap, None, dtype=object)
+        interned = np.empty(len(values), dtype=object)
+        for i, v in enumerate(values.tolist()):
+            interned[i] = v if v is None else self._intern.setdefault((type(v), v), v)
+        col[dense] = interned
+
+    def get(self, dense: int, name: str):
+        col = self.cols.get(name)
+        return None if col is None else col[dense]
+
+    def users(self) -> np.ndarray:
+        """Dense indices of users with at least one trait."""
+        if not self.cols:
+            return np.zeros(0, dtype=np.int64)
+        has = np.zeros(self.cap, dtype=bool)
+        for col in self.cols.values():
+            has |= col != None  # noqa: E711 - elementwise comparison on an object array
+        return np.flatnonzero(has)
+
+    def test_bits(self, tests: list, dense: np.ndarray) -> np.ndarray:
+        """(len(dense), len(tests)) uint8: each trait test on each user, vectorised over the
+        distinct values of the trait."""
+        out = np.zeros((len(dense), len(tests)), dtype=np.uint8)
+        for j, node in enumerate(tests):
+            col = self.cols.get(_leaf_name(node)[1])
+            if col is None or not len(dense):
+                continue
+            vals, inv = _factorize(col[dense])
+            res = np.fromiter((test_value(node, v) for v in vals), dtype=np.uint8,
+                              count=len(vals))
+            out[:, j] = res[inv]
+        return out
 
 
 class _EventRow(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,0 +1,70 @@
+"""Bytes per active user for the canonical segments, measured (not estimated).
+
+Each measurement runs in a fresh process: generate the workload, note the RSS, build the engine
+and stream every event, note the RSS again. The delta is divided by the users who sent at least
+one event. The kernel's own accounting (``stats()["memory_bytes"]``: state arrays, window
+pools, timer heap) is reported beside it.
+
+    python bench/memory.py --size small [--repeat 3]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys
+import numpy as np
+import segcore
+from segcore.synth import DEFAULT_SEGMENTS, SIZES, generate
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+w = generate(*SIZES[sys.argv[1]], seed=0)
+codes = None
+cols = [(b.user, b.event_code, b.ts, b.props["amount"], b.props["category"])
+        for b in w.batches(100_000)]
+before = rss()
+eng = segcore.Engine()
+eng.add_segments(DEFAULT_SEGMENTS)
+codes = np.array([eng.event_code(n) for n in w.event_types], dtype=np.int32)
+eng.set_traits_many(user=w.trait_user, **w.traits)
+for user, code, ts, amount, category in cols:
+    eng.track_many(user=user, event=codes[code], ts=ts,
+                   props={"amount": amount, "category": category})
+after = rss()
+active = int(np.count_nonzero(np.bincount(w.user, minlength=w.n_users)))
+st = eng.stats()
+print(json.dumps({"users": st["users"], "active_users": active, "events": st["events"],
+                  "rss_delta": after - before, "kernel_bytes": st["memory_bytes"]}))
+"""
+
+
+def measure(size: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, size], check=True, capture_output=True,
+                         text=True, env=dict(os.environ))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"])
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    runs = [measure(args.size) for _ in range(args.repeat)]
+    r0 = runs[0]
+    rss = sorted(r["rss_delta"] for r in runs)[len(runs) // 2]
+    print(f"size={args.size} users={r0['users']:,} active={r0['active_users']:,} "
+          f"events={r0['events']:,}")
+    print(f"RSS delta (median of {len(runs)}): {rss / r0['active_users']:.0f} bytes/active user "
+          f"({rss / 2**20:.1f} MiB)")
+    print(f"kernel accounting: {r0['kernel_bytes'] / r0['active_users']:.0f} bytes/active user "
+          f"({r0['kernel_bytes'] / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
