@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["segcore", "segcore.engine", "segcore.rules", "segcore.build", "segcore.hashing",
-           "segcore.synth"]
+           "segcore.synth", "segcore.triggers"]
 
 
 @pytest.mark.parametrize("name", MODULES)

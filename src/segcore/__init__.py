@@ -8,13 +8,13 @@
 [Transition(user=1, segment='engaged', entered=True, ts=1000)]
 """
 
-from .engine import Engine, Transition, Transitions
+from .engine import Engine, Firing, Transition, Transitions
 from .errors import EventError, RuleError, SegcoreError, SnapshotError
 from .hashing import bucket_of
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Engine", "Transition", "Transitions", "SegcoreError", "RuleError", "EventError",
+    "Engine", "Transition", "Transitions", "Firing", "SegcoreError", "RuleError", "EventError",
     "SnapshotError", "bucket_of", "__version__",
 ]

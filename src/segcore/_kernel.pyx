@@ -17,7 +17,8 @@ Invariants (see docs/semantics.md):
 """
 
 cimport cython
-from libc.stdint cimport int64_t, int32_t, uint32_t, uint64_t, uint8_t, INT64_MAX, INT64_MIN
+from libc.stdint cimport (int64_t, int32_t, int8_t, uint32_t, uint64_t, uint8_t, INT64_MAX,
+                          INT64_MIN)
 from libc.math cimport isnan, NAN, INFINITY
 from libcpp.vector cimport vector
 from libcpp.pair cimport pair
@@ -170,6 +171,13 @@ cdef class Kernel:
     cdef double[::1] t_v
     cdef int32_t[::1] p_start, p_op, p_arg
     cdef int32_t[::1] es_start, es_list, time_segs, all_segs
+    # timed items: triggers (kind 0) and journeys (kind 1), in registration order
+    cdef readonly int n_items
+    cdef int32_t[::1] it_kind, it_seg, it_enter, it_sstart, it_send, it_xstart, it_xend
+    cdef int64_t[::1] it_delay, st_delay
+    cdef int32_t[::1] st_onlyif, ex_seg
+    cdef int8_t[::1] flipdir
+    cdef vector[int32_t] flipped
     cdef int64_t[::1] irow_init
     cdef double[::1] frow_init
     # ---- state
@@ -184,6 +192,13 @@ cdef class Kernel:
     cdef int64_t* wake
     cdef uint8_t* fresh
     cdef object _fresh
+    cdef object _dead, _jpos
+    cdef int64_t* dead          # per user and item: instant of the pending firing or INT64_MAX
+    cdef int32_t* jpos          # per user and journey: index of the pending step, -1 = not in
+    cdef vector[int32_t] fi_item, fi_step
+    cdef vector[uint32_t] fi_u
+    cdef vector[int64_t] fi_t
+    cdef vector[uint8_t] fi_flag
     cdef vector[vector[Entry]] pools
     cdef vector[HeapItem] heap
     cdef vector[uint32_t] tr_u
@@ -234,6 +249,19 @@ cdef class Kernel:
         self.es_list = _i32(plan["es_list"])
         self.time_segs = _i32(plan["time_segs"])
         self.all_segs = np.arange(max(self.n_seg, 1), dtype=np.int32)
+        self.it_kind = _i32(plan.get("it_kind", []))
+        self.n_items = self.it_kind.shape[0]
+        self.it_seg = _i32(plan.get("it_seg", []))
+        self.it_enter = _i32(plan.get("it_enter", []))
+        self.it_delay = _i64(plan.get("it_delay", []))
+        self.it_sstart = _i32(plan.get("it_sstart", []))
+        self.it_send = _i32(plan.get("it_send", []))
+        self.it_xstart = _i32(plan.get("it_xstart", []))
+        self.it_xend = _i32(plan.get("it_xend", []))
+        self.st_delay = _i64(plan.get("st_delay", []))
+        self.st_onlyif = _i32(plan.get("st_onlyif", []))
+        self.ex_seg = _i32(plan.get("ex_seg", []))
+        self.flipdir = np.zeros(max(self.n_seg, 1), dtype=np.int8)
         self.istride = int(plan["istride"])
         self.fstride = int(plan["fstride"])
         self.n_var = int(plan["n_var"])
@@ -339,6 +367,27 @@ cdef class Kernel:
                     raise ValueError("plan: program too deep")
             if depth != 1:
                 raise ValueError("plan: bad program")
+        for name in ("it_seg", "it_enter", "it_delay", "it_sstart", "it_send", "it_xstart",
+                     "it_xend"):
+            if len(getattr(self, "_arr_" + name)()) != self.n_items:
+                raise ValueError(f"plan: {name} has the wrong length")
+        if self.st_delay.shape[0] != self.st_onlyif.shape[0]:
+            raise ValueError("plan: step arrays differ in length")
+        for i in range(self.n_items):
+            if self.it_kind[i] not in (0, 1) or not 0 <= self.it_seg[i] < self.n_seg \
+                    or self.it_delay[i] < 0 or self.it_delay[i] >= (<int64_t>1 << 48):
+                raise ValueError("plan: bad timed item")
+            if self.it_kind[i] == 1 and not (
+                    0 <= self.it_sstart[i] <= self.it_send[i] <= self.st_delay.shape[0]
+                    and 0 <= self.it_xstart[i] <= self.it_xend[i] <= self.ex_seg.shape[0]):
+                raise ValueError("plan: bad journey")
+        for i in range(self.st_delay.shape[0]):
+            if not 0 <= self.st_delay[i] < (<int64_t>1 << 48) or \
+                    not -1 <= self.st_onlyif[i] < self.n_seg:
+                raise ValueError("plan: bad journey step")
+        for i in range(self.ex_seg.shape[0]):
+            if not 0 <= self.ex_seg[i] < self.n_seg:
+                raise ValueError("plan: bad journey exit")
         if self.es_start.shape[0] != self.n_codes + 2:
             raise ValueError("plan: segment index has the wrong length")
         for i in range(self.n_codes + 1):
@@ -351,6 +400,13 @@ cdef class Kernel:
             if not 0 <= self.time_segs[i] < self.n_seg:
                 raise ValueError("plan: time segment out of range")
 
+    def _arr_it_seg(self): return self.it_seg
+    def _arr_it_enter(self): return self.it_enter
+    def _arr_it_delay(self): return self.it_delay
+    def _arr_it_sstart(self): return self.it_sstart
+    def _arr_it_send(self): return self.it_send
+    def _arr_it_xstart(self): return self.it_xstart
+    def _arr_it_xend(self): return self.it_xend
     def _len_f_event(self): return self.f_event.shape[0]
     def _len_f_event2(self): return self.f_event2.shape[0]
     def _len_f_filter(self): return self.f_filter.shape[0]
@@ -405,8 +461,13 @@ cdef class Kernel:
         bucket = np.zeros(cap, dtype=np.int32)
         wake = np.full(cap, INT64_MAX, dtype=np.int64)
         fresh = np.zeros(cap, dtype=np.uint8)
+        cdef int64_t ni = self.n_items
+        dead = np.full(cap * ni + 1, INT64_MAX, dtype=np.int64)
+        jpos = np.full(cap * ni + 1, -1, dtype=np.int32)
         if self.cap:
             fresh[:old] = self._fresh[:old]
+            dead[: old * ni] = self._dead[: old * ni]
+            jpos[: old * ni] = self._jpos[: old * ni]
             istate[: old * istride] = self._istate[: old * istride]
             fstate[: old * fstride] = self._fstate[: old * fstride]
             members[: old * nseg] = self._members[: old * nseg]
@@ -419,6 +480,11 @@ cdef class Kernel:
         self._fresh = fresh
         cdef uint8_t[::1] mfr = fresh
         self.fresh = &mfr[0]
+        self._dead, self._jpos = dead, jpos
+        cdef int64_t[::1] mdd = dead
+        cdef int32_t[::1] mjp = jpos
+        self.dead = &mdd[0]
+        self.jpos = &mjp[0]
         cdef int64_t[::1] mi = istate
         cdef double[::1] mf = fstate
         cdef uint8_t[::1] mm = members
@@ -890,6 +956,11 @@ cdef class Kernel:
                 self.tr_s.push_back(s)
                 self.tr_e.push_back(r)
                 self.tr_t.push_back(t)
+                if self.n_items:
+                    self.flipdir[s] = 1 if r else -1
+                    self.flipped.push_back(s)
+        if self.n_items:
+            self._items(u, t)
         # next wake-up
         w = INT64_MAX
         for i in range(self.time_feats.shape[0]):
@@ -900,6 +971,10 @@ cdef class Kernel:
             nxt = self._time_next_flip(u, self.time_atoms[i], t)
             if nxt < w:
                 w = nxt
+        for i in range(self.n_items):
+            nxt = self.dead[<int64_t>u * self.n_items + i]
+            if nxt < w:
+                w = nxt
         # Push only when the wake-up moves earlier: a timer that fires too early re-evaluates
         # (finding nothing) and reschedules, which costs less than a heap push per event.
         if w < self.wake[u]:
@@ -908,6 +983,102 @@ cdef class Kernel:
             push_heap(self.heap.begin(), self.heap.end())
             if self.heap.size() > 2 * <size_t>self.n_users + 1024:
                 self._rebuild_heap()
+
+    cdef void _items(self, uint32_t u, int64_t t) noexcept nogil:
+        """Update u's pending firings and journey positions from this evaluation's flips, then
+        emit those due now (docs/triggers.md), item by item in registration order."""
+        cdef int i, j, x, k
+        cdef int8_t fd
+        cdef uint8_t flag
+        cdef bint leave
+        cdef int64_t* d
+        cdef int32_t* p
+        cdef int64_t base = <int64_t>u * self.n_items
+        cdef uint8_t* mem = self.members + <int64_t>u * max(self.n_seg, 1)
+        for i in range(self.n_items):
+            d = self.dead + base + i
+            p = self.jpos + base + i
+            fd = self.flipdir[self.it_seg[i]]
+            if self.it_kind[i] == 0:
+                if fd != 0:
+                    if (fd == 1) == (self.it_enter[i] != 0):
+                        d[0] = t + self.it_delay[i]
+                    else:
+                        d[0] = INT64_MAX          # left (or came back) before the delay
+            else:
+                if p[0] < 0 and fd == 1 and self.it_send[i] > self.it_sstart[i]:
+                    p[0] = 0
+                    d[0] = t + self.st_delay[self.it_sstart[i]]
+                if p[0] >= 0:
+                    leave = fd == -1
+                    for x in range(self.it_xstart[i], self.it_xend[i]):
+                        if self.flipdir[self.ex_seg[x]] == 1:
+                            leave = True
+                    if leave:
+                        p[0] = -1
+                        d[0] = INT64_MAX
+        for j in range(self.flipped.size()):
+            self.flipdir[self.flipped[j]] = 0
+        self.flipped.clear()
+        for i in range(self.n_items):
+            d = self.dead + base + i
+            p = self.jpos + base + i
+            while d[0] <= t:
+                self.fi_item.push_back(i)
+                self.fi_u.push_back(u)
+                self.fi_t.push_back(t)
+                if self.it_kind[i] == 0:
+                    self.fi_step.push_back(-1)
+                    self.fi_flag.push_back(1)
+                    d[0] = INT64_MAX
+                else:
+                    k = self.it_sstart[i] + p[0]
+                    self.fi_step.push_back(p[0])
+                    flag = 1 if self.st_onlyif[k] < 0 or mem[self.st_onlyif[k]] != 0 else 0
+                    self.fi_flag.push_back(flag)
+                    p[0] += 1
+                    if self.it_sstart[i] + p[0] < self.it_send[i]:
+                        d[0] = t + self.st_delay[k + 1]
+                    else:
+                        p[0] = -1
+                        d[0] = INT64_MAX
+
+    def take_firings(self):
+        """Drain the firing buffer: (item, user idx, ts, journey step or -1, only_if held)."""
+        cdef Py_ssize_t n = self.fi_u.size(), i
+        it = np.empty(n, dtype=np.int32)
+        u = np.empty(n, dtype=np.uint32)
+        t = np.empty(n, dtype=np.int64)
+        st = np.empty(n, dtype=np.int32)
+        fl = np.empty(n, dtype=np.bool_)
+        cdef int32_t[::1] mit = it
+        cdef uint32_t[::1] mu = u
+        cdef int64_t[::1] mt = t
+        cdef int32_t[::1] mst = st
+        cdef uint8_t[::1] mfl = fl.view(np.uint8)
+        for i in range(n):
+            mit[i] = self.fi_item[i]
+            mu[i] = self.fi_u[i]
+            mt[i] = self.fi_t[i]
+            mst[i] = self.fi_step[i]
+            mfl[i] = self.fi_flag[i]
+        self.fi_item.clear()
+        self.fi_u.clear()
+        self.fi_t.clear()
+        self.fi_step.clear()
+        self.fi_flag.clear()
+        return it, u, t, st, fl
+
+    @property
+    def pending_firings(self):
+        return self.fi_u.size()
+
+    def item_state(self, uint32_t u):
+        """(deadline, journey position) of each timed item for user u."""
+        if u >= self.n_users:
+            raise ValueError("item_state: user index out of range")
+        cdef int64_t b = <int64_t>u * self.n_items
+        return (self._dead[b: b + self.n_items].copy(), self._jpos[b: b + self.n_items].copy())
 
     cdef void _rebuild_heap(self) noexcept nogil:
         cdef int64_t u
@@ -1124,14 +1295,14 @@ cdef class Kernel:
         return out
 
     def migrate_from(self, Kernel old not None, const int32_t[::1] fmap not None,
-                     const int32_t[::1] smap not None):
+                     const int32_t[::1] smap not None, imap=None):
         """Take over users, time and the state of features/segments that survive a plan change.
 
         ``fmap[f]`` is the old feature index for new feature ``f`` (or -1: starts empty);
         ``smap[s]`` likewise for segments. The old kernel is left empty.
         """
         cdef int64_t u, j, n = old.n_users
-        cdef int f, fo, s, so, k
+        cdef int f, fo, s, so, k, i
         if fmap.shape[0] != self.n_feat or smap.shape[0] != self.n_seg:
             raise ValueError("migrate_from: map sizes do not match the plan")
         for f in range(self.n_feat):
@@ -1146,6 +1317,13 @@ cdef class Kernel:
                 raise ValueError("migrate_from: segment map out of range")
         if self.n_users:
             raise ValueError("migrate_from: target kernel is not empty")
+        cdef int32_t[::1] im = np.full(self.n_items, -1, np.int32) if imap is None else \
+            np.ascontiguousarray(imap, dtype=np.int32)
+        if im.shape[0] != self.n_items:
+            raise ValueError("migrate_from: item map size does not match the plan")
+        for i in range(self.n_items):
+            if im[i] >= old.n_items:
+                raise ValueError("migrate_from: item map out of range")
         self.add_users(n, np.ascontiguousarray(old._bucket[:n]))
         self.now = old.now
         for u in range(n):
@@ -1169,6 +1347,10 @@ cdef class Kernel:
                     self.members[u * max(self.n_seg, 1) + s] = \
                         old.members[u * max(old.n_seg, 1) + so]
             self.fresh[u] = old.fresh[u]
+            for i in range(self.n_items):
+                if im[i] >= 0:
+                    self.dead[u * self.n_items + i] = old.dead[u * old.n_items + im[i]]
+                    self.jpos[u * self.n_items + i] = old.jpos[u * old.n_items + im[i]]
 
     def stats(self):
         cdef size_t pooled = 0

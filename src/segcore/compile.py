@@ -307,11 +307,15 @@ class _Builder:
         return self.atom(A_TIME, OPS[c.op], t0=t0, t1=t1, s=s, c=const, key=key)
 
 
-def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int]) -> Plan:
+def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
+                     items: list[dict] | None = None) -> Plan:
     """Compile segments (name -> AST, in definition order) into a :class:`Plan`.
 
     ``event_code(name)`` interns an event type and returns its code; it is called for every
-    event type the rules mention, so the listener table covers them.
+    event type the rules mention, so the listener table covers them. ``items`` are the timed
+    items (triggers and journeys, docs/triggers.md) in registration order: dicts with
+    ``kind`` ("trigger" or "journey"), ``segment``, and ``enter`` and ``delay_ms`` (triggers) or
+    ``steps`` (list of ``(delay_ms, only_if segment name or None)``) and ``exits`` (journeys).
     """
     deps = {name: R.references(ast) for name, ast in asts.items()}
     for name, refs in deps.items():
@@ -330,7 +334,30 @@ def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int]) 
     p.names = order
     p.asts = dict(asts)
     _layout(p, b, progs, event_code)
+    p.arrays.update(_item_arrays(items or [], b.seg_index))
     return p
+
+
+def _item_arrays(items: list[dict], seg: dict[str, int]) -> dict:
+    out: dict = {k: [] for k in ("it_kind", "it_seg", "it_enter", "it_delay", "it_sstart",
+                                 "it_send", "it_xstart", "it_xend", "st_delay", "st_onlyif",
+                                 "ex_seg")}
+    for it in items:
+        journey = it["kind"] == "journey"
+        out["it_kind"].append(1 if journey else 0)
+        out["it_seg"].append(seg[it["segment"]])
+        out["it_enter"].append(1 if journey or it["enter"] else 0)
+        out["it_delay"].append(0 if journey else it["delay_ms"])
+        out["it_sstart"].append(len(out["st_delay"]))
+        out["it_xstart"].append(len(out["ex_seg"]))
+        if journey:
+            for delay, only_if in it["steps"]:
+                out["st_delay"].append(delay)
+                out["st_onlyif"].append(-1 if only_if is None else seg[only_if])
+            out["ex_seg"].extend(seg[x] for x in it["exits"])
+        out["it_send"].append(len(out["st_delay"]))
+        out["it_xend"].append(len(out["ex_seg"]))
+    return out
 
 
 def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:

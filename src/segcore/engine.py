@@ -21,6 +21,7 @@ import datetime as _dt
 import logging
 import math
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
@@ -33,8 +34,10 @@ from ._kernel import IdMap, Kernel
 from .compile import Plan, compile_segments, feature_map
 from .errors import EventError, RuleError, SegcoreError
 from .hashing import bucket_of, buckets_of_ints
+from .triggers import (Firing, Journey, JourneySpec, Policies, StepSpec, TriggerSpec,
+                       check_name, parse_max_per)
 
-__all__ = ["Engine", "Transition", "Transitions"]
+__all__ = ["Engine", "Transition", "Transitions", "Firing"]
 
 log = logging.getLogger("segcore")
 
@@ -393,7 +396,8 @@ class Engine:
     """
 
     def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
-                 dedup_horizon="1d", event_types: Iterable[str] | None = None):
+                 dedup_horizon="1d", event_types: Iterable[str] | None = None,
+                 max_queued_firings: int = 1_000_000):
         if clock is not None and not callable(clock):
             raise SegcoreError("clock must be a callable returning seconds (like time.time)")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -427,9 +431,17 @@ class Engine:
         self._kernel = Kernel(self._plan.arrays)
         self._bitmaps: dict[str, BitMap] = {}
         self._all = BitMap()
-        self._callbacks: dict[tuple[str, bool], list] = {}
+        # triggers and journeys (docs/triggers.md), in registration order
+        self._items: list = []
+        self._hidden: dict[str, R.Cond] = {}      # only_if conditions, as hidden segments
+        self._policies = Policies()
+        if isinstance(max_queued_firings, bool) or not isinstance(max_queued_firings, int) \
+                or max_queued_firings < 0:
+            raise SegcoreError("max_queued_firings must be an int >= 0")
+        self._queue: deque = deque()
+        self._max_queue = max_queued_firings
         self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
-                       "batches": 0}
+                       "batches": 0, "firings": 0, "suppressed": 0, "firings_dropped": 0}
 
     def _set_plan(self, plan: Plan) -> None:
         self._plan = plan
@@ -618,9 +630,9 @@ class Engine:
         clock_ms = self._read_clock()
         new_names = list(segments)
         for name in new_names:
-            if not isinstance(name, str) or not _NAME_RE.match(name):
+            if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith("__"):
                 raise RuleError(f"bad segment name {name!r} (letters, digits and _, not "
-                                "starting with a digit)")
+                                "starting with a digit or with `__`)")
             if name in self._asts:
                 raise RuleError(f"segment `{name}` already exists", segment=name)
         known = set(self._asts) | set(new_names)
@@ -657,6 +669,11 @@ class Engine:
         """Remove a segment (its members, bitmap and callbacks go with it)."""
         self._require_segment(name)
         users = [s for s, ast in self._asts.items() if s != name and name in R.references(ast)]
+        users += [it.name for it in self._items
+                  if (isinstance(it, TriggerSpec) and it.segment == name) or
+                  (isinstance(it, JourneySpec) and (it.entry == name or name in it.exits or any(
+                      name in R.references(self._hidden[st.only_if])
+                      for st in it.steps if st.only_if)))]
         if users:
             raise RuleError(f"segment `{name}` is referenced by "
                             + ", ".join(f"`{u}`" for u in users), segment=name)
@@ -664,12 +681,14 @@ class Engine:
         texts = {k: v for k, v in self._texts.items() if k != name}
         self._replan(asts, texts, [], self._read_clock())
         self._bitmaps.pop(name, None)
-        self._callbacks.pop((name, True), None)
-        self._callbacks.pop((name, False), None)
 
-    def _replan(self, asts: dict, texts: dict, new_names: list, clock_ms) -> Transitions:
+    def _replan(self, asts: dict, texts: dict, new_names: list, clock_ms, items=None,
+                hidden=None) -> Transitions:
+        items = self._items if items is None else items
+        hidden = self._hidden if hidden is None else hidden
         try:
-            plan = compile_segments(asts, self._event_code)
+            plan = compile_segments({**asts, **hidden}, self._event_code,
+                                    [it.item() for it in items])
         except RuleError as e:
             if e.segment is None and len(new_names) == 1:
                 raise e.with_segment(new_names[0]) from None
@@ -692,19 +711,25 @@ class Engine:
                         segment=new_names[0] if len(new_names) == 1 else None)
         self._catch_up(clock_ms)
         before = self._collect(self._kernel, tuple(old.names))
+        fired = self._take_firings()
         kernel = Kernel(plan.arrays)
         smap = np.array([old.names.index(n) if n in old.names else -1 for n in plan.names],
                         dtype=np.int32)
-        kernel.migrate_from(self._kernel, fmap, smap)
+        old_keys = [it.key() for it in self._items]
+        imap = np.array([old_keys.index(it.key()) if it.key() in old_keys else -1
+                         for it in items], dtype=np.int32)
+        kernel.migrate_from(self._kernel, fmap, smap, imap)
         self._kernel = kernel
         self._set_plan(plan)
         self._asts = asts
         self._texts = texts
+        self._items = list(items)
+        self._hidden = dict(hidden)
         self._push_all_profiles()
         for n in new_names:
             self._bitmaps[n] = BitMap()
         kernel.eval_all()
-        return self._drain([before] if len(before) else [])
+        return self._drain([before] if len(before) else [], fired)
 
     def _require_segment(self, name: str) -> None:
         if name not in self._asts:
@@ -1204,6 +1229,12 @@ class Engine:
     def _collect(self, kernel, names: tuple) -> Transitions:
         """Drain a kernel's transitions into a batch and bring the bitmaps up to date."""
         u, s, e, t = kernel.take_transitions()
+        if self._hidden and len(u):
+            public = np.fromiter((not n.startswith("__") for n in names), dtype=bool,
+                                 count=len(names))
+            keep = public[s]
+            if not keep.all():
+                u, s, e, t = u[keep], s[keep], e[keep], t[keep]
         batch = Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
                             names, self._str_num)
         if 0 < len(u) <= 8:
@@ -1236,67 +1267,209 @@ class Engine:
         for d, seg, ent, ts in self._kernel.take_transitions_list():
             num = int(pub[d])
             name = names[seg]
+            if name.startswith("__"):
+                continue
             bm = bitmaps.get(name)
             if bm is not None:
                 (bm.add if ent else bm.discard)(num)
             out.append(Transition(strs.get(num, num), name, ent, ts))
         self._stats["transitions"] += len(out)
-        if self._callbacks and out:
-            self._fire_list(out)
+        if self._items:
+            self._deliver(self._take_firings())
         return out
 
-    def _drain(self, prefix: list) -> Transitions:
+    def _drain(self, prefix: list, fired: list = ()) -> Transitions:
         names = tuple(self._plan.names)
         batch = self._collect(self._kernel, names)
         if prefix:
             batch = Transitions.concat(prefix + [batch], names)
-        if len(batch):
-            self._stats["transitions"] += len(batch)
-            if self._callbacks:
-                self._fire(batch)
+        self._stats["transitions"] += len(batch)
+        fired = list(fired)
+        if self._items:
+            fired += self._take_firings()
+        if fired:
+            self._deliver(fired)
         return batch
 
-    def _fire(self, b: Transitions) -> None:
-        for i in range(len(b)):
-            name = b.segment_names[b.segment[i]]
-            if self._callbacks.get((name, bool(b.entered[i]))):
-                self._fire_list([b._item(i)])
+    def _take_firings(self) -> list:
+        """The kernel's candidate firings, through the policies, in order: [(Firing, fn)]."""
+        k = self._kernel
+        if not self._items or not k.pending_firings:
+            return []
+        it, u, t, st, ok = k.take_firings()
+        out = []
+        pub, strs, check = self._pub, self._str_num, self._policies.check
+        for i, d, ts, step, held in zip(it.tolist(), u.tolist(), t.tolist(), st.tolist(),
+                                        ok.tolist()):
+            spec = self._items[i]
+            num = int(pub[d])
+            user = strs.get(num, num)
+            if isinstance(spec, TriggerSpec):
+                sup = check(spec.name, d, ts, spec.once, spec.cooldown_ms, spec.max_per,
+                            spec.channel)
+                f = Firing(user, spec.segment, spec.entered, ts, spec.name, spec.reason(),
+                           sup is None, sup, spec.channel)
+                out.append((f, spec.fn))
+            else:
+                sspec = spec.steps[step]
+                name = f"{spec.name}:{step}"
+                sup = "only_if" if not held else check(name, d, ts, False, None, None,
+                                                       sspec.channel)
+                f = Firing(user, spec.entry, True, ts, name,
+                           f"journey {spec.name} step {step + 1}", sup is None, sup,
+                           sspec.channel, spec.name, step)
+                out.append((f, sspec.fn))
+        return out
 
-    def _fire_list(self, transitions: list[Transition]) -> None:
-        for tr in transitions:
-            fns = self._callbacks.get((tr.segment, tr.entered))
-            if not fns:
+    def _deliver(self, fired: list) -> None:
+        """Queue every firing; call the callbacks of delivered ones (after the call's work)."""
+        q = self._queue
+        for f, _ in fired:
+            if f.delivered:
+                self._stats["firings"] += 1
+            else:
+                self._stats["suppressed"] += 1
+            if len(q) >= self._max_queue:
+                if not self._max_queue:
+                    self._stats["firings_dropped"] += 1
+                    continue
+                q.popleft()
+                self._stats["firings_dropped"] += 1
+            q.append(f)
+        for f, fn in fired:
+            if fn is None or not f.delivered:
                 continue
-            for fn in list(fns):
-                try:
-                    fn(tr)
-                except Exception:  # noqa: BLE001 - a callback must never stop ingestion
-                    self._stats["callback_errors"] += 1
-                    log.exception("segcore: callback %r for %s failed", fn, tr)
+            try:
+                fn(f)
+            except Exception:  # noqa: BLE001 - a callback must never stop ingestion
+                self._stats["callback_errors"] += 1
+                log.exception("segcore: callback %r for %s failed", fn, f)
 
-    def on_enter(self, segment: str, fn: Callable[[Transition], Any] | None = None):
-        """Call ``fn(transition)`` whenever a user enters ``segment`` (usable as a decorator).
+    def on_enter(self, segment: str, fn: Callable[[Firing], Any] | None = None, *, after=None,
+                 cooldown=None, max_per=None, once: bool = False, channel: str | None = None,
+                 name: str | None = None):
+        """Call ``fn(firing)`` when a user enters ``segment`` (usable as a decorator).
 
-        Callbacks run after the engine call has updated all state; an exception in one is
-        logged and counted in ``stats()["callback_errors"]`` and never stops ingestion.
+        ``after="1h"`` fires one hour after the entry, only if the user stayed in throughout;
+        ``cooldown``, ``max_per=(n, "7d")``, ``once`` and the ``channel``'s cap limit how often
+        it fires per user (docs/triggers.md). Callbacks run after the engine call has updated
+        all state; an exception in one is logged and counted in ``stats()["callback_errors"]``
+        and never stops ingestion. Returns ``fn``.
+
+        >>> eng = Engine()
+        >>> _ = eng.add_segment("vip", "sum(purchase.amount) >= 100")
+        >>> @eng.on_enter("vip", after="1d")
+        ... def welcome(f):
+        ...     print(f.user, f.ts, f.reason)
+        >>> _ = eng.track(1, "purchase", ts=0, props={"amount": 150})
+        >>> _ = eng.advance(2 * 86_400_000)
+        1 86400000 in vip for 1d
         """
-        return self._register(segment, True, fn)
+        return self._register(segment, True, fn, after, cooldown, max_per, once, channel, name)
 
-    def on_exit(self, segment: str, fn: Callable[[Transition], Any] | None = None):
-        """Call ``fn(transition)`` whenever a user leaves ``segment`` (usable as a decorator)."""
-        return self._register(segment, False, fn)
+    def on_exit(self, segment: str, fn: Callable[[Firing], Any] | None = None, *, after=None,
+                cooldown=None, max_per=None, once: bool = False, channel: str | None = None,
+                name: str | None = None):
+        """Call ``fn(firing)`` when a user leaves ``segment``; options as :meth:`on_enter`."""
+        return self._register(segment, False, fn, after, cooldown, max_per, once, channel, name)
 
-    def _register(self, segment, entered, fn):
+    def add_trigger(self, name: str, segment: str, on: str = "enter", *, after=None,
+                    cooldown=None, max_per=None, once: bool = False, channel: str | None = None,
+                    fn: Callable[[Firing], Any] | None = None) -> None:
+        """Register a trigger by name; without ``fn`` its firings are only drained as data
+        (:meth:`drain_firings`)."""
+        if on not in ("enter", "exit"):
+            raise SegcoreError(f"`on` must be \"enter\" or \"exit\", got {on!r}")
+        self._register(segment, on == "enter", fn, after, cooldown, max_per, once, channel,
+                       check_name(name, "trigger name"), decorator=False)
+
+    def _register(self, segment, entered, fn, after, cooldown, max_per, once, channel, name,
+                  decorator=True):
         self._require_segment(segment)
-        if fn is None:
+        if fn is None and decorator:
             def deco(f):
-                self._register(segment, entered, f)
+                self._register(segment, entered, f, after, cooldown, max_per, once, channel,
+                               name)
                 return f
             return deco
-        if not callable(fn):
+        if fn is not None and not callable(fn):
             raise SegcoreError("a callback must be callable")
-        self._callbacks.setdefault((segment, entered), []).append(fn)
+        if channel is not None:
+            check_name(channel, "channel")
+        if not isinstance(once, bool):
+            raise SegcoreError("once must be a bool")
+        if name is None:
+            name = f"{segment}:{'enter' if entered else 'exit'}:{len(self._items)}"
+        if any(it.name == name for it in self._items):
+            raise RuleError(f"a trigger or journey named `{name}` already exists")
+        spec = TriggerSpec(name, segment, entered,
+                           0 if after is None else R.parse_duration(after),
+                           None if cooldown is None else R.parse_duration(cooldown),
+                           parse_max_per(max_per), once, channel, fn)
+        self._replan(self._asts, self._texts, [], self._read_clock(),
+                     items=self._items + [spec])
         return fn
+
+    def cap(self, channel: str, max_per) -> None:
+        """Cap firings per user on a channel across all triggers and journey steps, e.g.
+        ``eng.cap("email", max_per=(2, "1d"))``; firings over it are reported suppressed
+        (``suppressed_by="cap:email"``). The cap counts firings delivered after it was set."""
+        self._policies.caps[check_name(channel, "channel")] = parse_max_per(max_per)
+
+    def journey(self, name: str, entry: str, exit_on=None) -> Journey:
+        """Start a journey: users enter it when they enter ``entry`` and leave it when they
+        leave ``entry`` or enter a segment of ``exit_on``; add steps with ``.step(...)``."""
+        check_name(name, "journey name")
+        if any(it.name == name for it in self._items):
+            raise RuleError(f"a trigger or journey named `{name}` already exists")
+        self._require_segment(entry)
+        exits = [] if exit_on is None else [exit_on] if isinstance(exit_on, str) else \
+            list(exit_on)
+        for x in exits:
+            self._require_segment(x)
+        spec = JourneySpec(name, entry, exits)
+        self._replan(self._asts, self._texts, [], self._read_clock(),
+                     items=self._items + [spec])
+        return Journey(self, spec)
+
+    def _add_journey_step(self, spec: JourneySpec, step: StepSpec, only_if) -> None:
+        if spec not in self._items:
+            raise SegcoreError(f"journey `{spec.name}` is no longer registered")
+        hidden = dict(self._hidden)
+        if only_if is not None:
+            hname = f"__{spec.name}__step{len(spec.steps)}"
+            ast, _ = self._to_ast(hname, only_if, set(self._asts))
+            hidden[hname] = ast
+            step.only_if = hname
+        new = JourneySpec(spec.name, spec.entry, spec.exits, spec.steps + [step])
+        items = [new if it is spec else it for it in self._items]
+        self._replan(self._asts, self._texts, [], self._read_clock(), items=items,
+                     hidden=hidden)
+        spec.steps = new.steps           # the Journey handle follows the registered spec
+        self._items = [spec if it is new else it for it in self._items]
+
+    def journey_state(self, user: UserId) -> dict:
+        """Where a user is in each journey: ``{name: {"step", "due", "since"}}``."""
+        self._read_sync()
+        d = self._dense_of(user) if isinstance(user, (int, str)) and not isinstance(
+            user, bool) else None
+        if d is None or not self._items:
+            return {}
+        dead, pos = self._kernel.item_state(d)
+        out = {}
+        for i, spec in enumerate(self._items):
+            if isinstance(spec, JourneySpec) and pos[i] >= 0:
+                due = int(dead[i])
+                since = due - sum(s.after_ms for s in spec.steps[: pos[i] + 1])
+                out[spec.name] = {"step": int(pos[i]), "due": due, "since": since}
+        return out
+
+    def drain_firings(self) -> list[Firing]:
+        """Every firing since the last drain (delivered and suppressed), in order."""
+        self._read_sync()
+        out = list(self._queue)
+        self._queue.clear()
+        return out
 
     # ------------------------------------------------------------------ reads
     def members(self, segment: str) -> FrozenBitMap:
