@@ -20,9 +20,11 @@ class Kernel:
     n_filter: int
     n_val: int
     n_key: int
+    n_items: int
     n_users: int
     cap: int
     now: int
+    pending_firings: int
 
     def __init__(self, plan: dict[str, Any]) -> None: ...
     def add_users(self, n: int, buckets: npt.NDArray[np.int32]) -> None: ...
@@ -61,8 +63,22 @@ class Kernel:
     def take_transitions_list(self) -> list[tuple[int, int, bool, int]]: ...
     def member_row(self, u: int) -> npt.NDArray[np.bool_]: ...
     def migrate_from(
-        self, old: Kernel, fmap: npt.NDArray[np.int32], smap: npt.NDArray[np.int32]
+        self,
+        old: Kernel,
+        fmap: npt.NDArray[np.int32],
+        smap: npt.NDArray[np.int32],
+        imap: npt.NDArray[np.int32] | None = ...,
     ) -> None: ...
+    def take_firings(
+        self,
+    ) -> tuple[
+        npt.NDArray[np.int32],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int32],
+        npt.NDArray[np.bool_],
+    ]: ...
+    def item_state(self, u: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]: ...
     def stats(self) -> dict[str, int]: ...
 
 
