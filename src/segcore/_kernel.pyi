@@ -1,10 +1,11 @@
 """Type stub of segcore's private compiled kernel (see _kernel.pyx)."""
 
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
 
+@final
 class Kernel:
     """Per-user hot state, the timer heap and the evaluator for one compiled plan."""
 
@@ -82,6 +83,7 @@ class Kernel:
     def stats(self) -> dict[str, int]: ...
 
 
+@final
 class IdMap:
     """Open-addressing hash map from uint32 user numbers to dense int64 indices."""
 
