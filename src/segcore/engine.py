@@ -542,6 +542,11 @@ class Engine:
     def _resolve_users(self, users: np.ndarray) -> tuple[np.ndarray, list]:
         """Dense indices for a validated user column; returns (dense or -1, new ids in order)."""
         n = len(users)
+        if users.dtype.kind == "O" and n:
+            items = users.tolist()
+            if all(type(u) is int for u in items):          # JSON / lists of plain ints
+                users = np.array(items, dtype=np.int64) if max(items) < 2**63 and \
+                    min(items) > -2**63 else users
         if users.dtype.kind in "iu":
             if n and (users.min() < 0 or users.max() >= _U32):
                 bad = int(np.flatnonzero((users < 0) | (users >= _U32))[0])
@@ -1019,27 +1024,34 @@ class Engine:
         (``ts`` in ms or ISO 8601); same contract as :meth:`track_many`."""
         rows = _decode_events(data)
         n = len(rows)
-        users = np.empty(n, dtype=object)
-        events = np.empty(n, dtype=object)
-        tss = np.empty(n, dtype=np.int64)
-        ids = np.empty(n, dtype=object)
+
+        def column(values, dtype=object):
+            arr = np.empty(n, dtype=dtype)
+            arr[:] = values
+            return arr
+
+        users = column([r.user for r in rows])
+        events = column([r.event for r in rows])
+        ts_raw = [r.ts for r in rows]
+        if all(type(t) is int for t in ts_raw):
+            tss = np.array(ts_raw, dtype=np.int64) if n else np.zeros(0, np.int64)
+        else:
+            tss = np.array([_to_ms(t, "ts", i) for i, t in enumerate(ts_raw)], dtype=np.int64)
+        ids = column([r.id for r in rows])
+        has_ids = any(x is not None for x in ids)
         cols: dict[str, np.ndarray] = {}
         for i, r in enumerate(rows):
-            users[i] = r.user
-            events[i] = r.event
-            tss[i] = _to_ms(r.ts, "ts", i)
-            ids[i] = r.id
-            if r.props:
-                for k, v in r.props.items():
-                    if isinstance(v, (dict, list)):
-                        raise EventError(f"property `{k}` must be a string, number, bool or "
-                                         f"null, got {type(v).__name__}", index=i,
-                                         field=f"props.{k}")
-                    col = cols.get(k)
-                    if col is None:
-                        col = cols[k] = np.full(n, None, dtype=object)
-                    col[i] = v
-        has_ids = any(x is not None for x in ids)
+            if not r.props:
+                continue
+            for k, v in r.props.items():
+                if isinstance(v, (dict, list)):
+                    raise EventError(f"property `{k}` must be a string, number, bool or "
+                                     f"null, got {type(v).__name__}", index=i,
+                                     field=f"props.{k}")
+                col = cols.get(k)
+                if col is None:
+                    col = cols[k] = np.full(n, None, dtype=object)
+                col[i] = v
         return self._ingest(users, events, tss, cols, ids if has_ids else None)
 
     def _event_column(self, events: np.ndarray) -> tuple[np.ndarray, list[str]]:
