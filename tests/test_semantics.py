@@ -507,7 +507,8 @@ def test_reads_catch_up_with_the_clock(make_engine):
     eng.track(1, "x", ts=10_000)
     now[0] = 12.0
     assert members(eng, "recent") == [] and eng.size("recent") == 0
-    assert exits == [T(1, "recent", False, 11_000)]
+    # callbacks receive Firing objects (docs/triggers.md): Transition-like fields
+    assert [(f.user, f.segment, f.entered, f.ts) for f in exits] == [(1, "recent", False, 11_000)]
     assert eng.now == 12_000
 
 

@@ -22,6 +22,13 @@ evaluated from scratch at each of its candidates in ``(n0, n1]`` in ascending or
 segments, in evaluation order, so ``in()`` sees the same instant), and a transition is emitted
 wherever a membership differs from the previous one.
 
+Triggers and journeys (``docs/triggers.md``) run as a plain state machine per user on top of
+this: after every evaluation of a user at an instant (time-driven, event, traits/scores), its
+transitions update each trigger's pending firing and each journey's position, in registration
+order, and the firings due at that instant are produced (policies applied in firing order).
+Pending deadlines are candidate instants too: a firing due at ``t + D`` is found even when no
+rule can flip then.
+
 Paranoid mode (environment ``SEGCORE_REF_PARANOID=1``, or the module globals ``PARANOID`` /
 ``PLUS_ONE``) also evaluates at ``e.ts + D + 1``, re-evaluates every user at ``n1`` and asserts
 that the candidates missed nothing. Advancing 1 ms at a time in paranoid mode is therefore a
@@ -31,6 +38,7 @@ brute-force check of the candidate logic, and gives exactly the transitions of o
 from __future__ import annotations
 
 import bisect
+import collections
 import datetime as _dt
 import difflib
 import logging
@@ -44,7 +52,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from segcore import rules as R
-from segcore.errors import EventError, RuleError
+from segcore.errors import EventError, RuleError, SegcoreError
 from segcore.hashing import bucket_of
 
 from . import _query
@@ -61,7 +69,9 @@ except Exception:                       # pragma: no cover - depends on the othe
         entered: bool
         ts: int
 
-__all__ = ["RefEngine", "Transition", "TransitionList"]
+from segcore.engine import Firing  # noqa: E402 - the same type as the compiled engine's
+
+__all__ = ["RefEngine", "Transition", "TransitionList", "Firing", "Journey"]
 
 log = logging.getLogger("segcore_ref")
 
@@ -92,7 +102,8 @@ class _User:
     membership (segment name -> bool) used to detect changes."""
 
     __slots__ = ("uid", "number", "order", "events", "by_type", "traits", "scores", "memb",
-                 "bucket", "cand_key", "cand_ev", "cand_now", "due", "due_key")
+                 "bucket", "cand_key", "cand_ev", "cand_now", "due", "due_key", "pending",
+                 "jstate", "hist", "chist")
 
     def __init__(self, uid, number: int, order: int, seed: int):
         self.uid = uid                  # the id as given (int or str)
@@ -109,6 +120,11 @@ class _User:
         self.cand_now: list[int] = []
         self.due = 0                         # first candidate instant after now ...
         self.due_key = None                  # ... valid for (events, rules version)
+        # triggers and journeys (docs/triggers.md)
+        self.pending: dict[str, int] = {}        # delayed trigger name -> due instant
+        self.jstate: dict[str, list[int]] = {}   # journey name -> [step, due, since]
+        self.hist: dict[str, list[int]] = {}     # trigger name -> delivered instants
+        self.chist: dict[str, list[int]] = {}    # channel -> delivered instants
 
 
 class _Row(msgspec.Struct):
@@ -118,6 +134,65 @@ class _Row(msgspec.Struct):
     ts: Any
     props: dict
     id: Any
+
+
+class _Trigger:
+    """A registered trigger: fires on entries (``entered``) or exits of ``segment``, at the
+    transition (``after`` 0) or ``after`` ms later if the user stayed in (out)."""
+
+    __slots__ = ("name", "segment", "entered", "after", "cooldown", "max_per", "once",
+                 "channel", "fn", "reason")
+
+    def __init__(self, name, segment, entered, after, cooldown, max_per, once, channel, fn):
+        self.name = name
+        self.segment = segment
+        self.entered = entered
+        self.after = after
+        self.cooldown = cooldown
+        self.max_per = max_per
+        self.once = once
+        self.channel = channel
+        self.fn = fn
+        if not after:
+            self.reason = f"entered {segment}" if entered else f"left {segment}"
+        elif entered:
+            self.reason = f"in {segment} for {R._fmt_dur(after)}"
+        else:
+            self.reason = f"out of {segment} for {R._fmt_dur(after)}"
+
+
+class _Step:
+    __slots__ = ("after", "do", "only_if", "refs", "channel")
+
+    def __init__(self, after, do, only_if, refs, channel):
+        self.after = after
+        self.do = do
+        self.only_if = only_if
+        self.refs = refs
+        self.channel = channel
+
+
+class Journey:
+    """A journey (docs/triggers.md): users enter it by entering ``entry`` and go through its
+    steps; ``step()`` adds one and returns the journey (chainable)."""
+
+    def __init__(self, engine: "RefEngine", name: str, entry: str, exit_on: list[str]):
+        self._engine = engine
+        self.name = name
+        self.entry = entry
+        self.exit_on = exit_on
+        self.steps: list[_Step] = []
+
+    def step(self, after, do: Callable | None = None, *, only_if=None,
+             channel: str | None = None) -> "Journey":
+        """Add a step due ``after`` the previous one (after the entry for the first); ``do``
+        is called with each delivered firing; ``only_if`` is a rule (text or AST) that must
+        hold for the user at the due instant. Users in the journey leave it."""
+        self._engine._add_step(self, after, do, only_if, channel)
+        return self
+
+    def __repr__(self) -> str:
+        return f"Journey({self.name!r}, entry={self.entry!r}, steps={len(self.steps)})"
 
 
 # --------------------------------------------------------------------------- input checks
@@ -242,6 +317,24 @@ class RefEngine:
     * ``x not in [..]`` is true iff ``x`` is present and equals none of the items (so a string
       is ``not in [1, 2]``).
     * Transitions carry the user id as given (int or str). Callbacks fire after the whole call.
+
+    Triggers and journeys (``docs/triggers.md``), where the page leaves room:
+
+    * A firing due at ``t`` is produced by the time-driven evaluation of the user at ``t``,
+      after that evaluation's transitions (so a time-driven exit at ``t`` cancels it) and
+      before any event applied at ``t`` (an event-driven exit at ``t`` comes after it). The
+      same holds for journey steps.
+    * A delayed trigger's wait is cancelled by any exit processed after the entry, an exit at
+      the entry's own instant (a later evaluation at the same ``t``) included. ``after=0`` is
+      the same as ``after=None`` (immediate, reason ``"entered S"``).
+    * Journey leave conditions are per evaluation: an entry into ``entry`` and a leave
+      condition in the same evaluation leave the user out (a step due then is cancelled); only
+      a *transition into* an ``exit_on`` segment is a leave (being in it already is not).
+    * A journey with no steps is completed at once by an entering user.
+    * Default trigger names count triggers only (journeys do not count); trigger and journey
+      names share one namespace. Channel caps count the deliveries made on the channel since
+      it was first capped. With a clock, registering a trigger, journey or step first
+      catches up with the clock (what is registered sees only what happens after it).
     * ``add_segments`` orders its transitions by user, then segment evaluation order.
     * With a clock, the clock is read once per call; the call is validated before time moves.
 
@@ -259,7 +352,7 @@ class RefEngine:
     """
 
     def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
-                 dedup_horizon="1d", event_types=None):
+                 dedup_horizon="1d", event_types=None, max_queued_firings: int = 1_000_000):
         self._clock = clock
         self._max_future = R.parse_duration(max_future)
         self._seed = int(seed)
@@ -284,8 +377,19 @@ class RefEngine:
         self._now_cmps: list = []
         self._now_ids: set[int] = set()
         self._numeric: dict[str, dict[str, str]] = {}   # event -> prop -> segment needing numbers
-        self._on: dict[tuple[str, bool], list[Callable]] = {}
-        self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0}
+        # triggers and journeys (docs/triggers.md), in one registration order
+        self._items: list = []                       # _Trigger and Journey objects
+        self._triggers: dict[str, _Trigger] = {}
+        self._journeys: dict[str, Journey] = {}
+        self._caps: dict[str, tuple[int, int] | None] = {}  # channel -> (n, W ms)
+        if isinstance(max_queued_firings, bool) or not isinstance(max_queued_firings, int) \
+                or max_queued_firings < 0:
+            raise SegcoreError("max_queued_firings must be an int >= 0")
+        self._max_queued = max_queued_firings
+        self._queue: collections.deque = collections.deque()
+        self._call_firings: list = []                # firings of the current call, in order
+        self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
+                       "firings": 0, "suppressed": 0, "firings_dropped": 0}
 
     # ================================================================== time
     def _clock_ms(self) -> int | None:
@@ -354,10 +458,13 @@ class RefEngine:
         found = []
         topo_idx = {name: i for i, name in enumerate(self._topo)}
         version = self._rules_version
+        fired = []
+        n_topo = len(self._topo)
         for user in self._users.values():
-            # Shortcut: nothing can flip for this user before its next candidate instant.
+            # Shortcut: nothing can flip for this user before its next candidate instant
+            # (and no pending firing or journey step is due before it).
             if (not PARANOID and user.due_key == (len(user.events), version)
-                    and user.due > n1):
+                    and user.due > n1 and self._next_deadline(user) > n1):
                 continue
             in_range = set()
             due = math.inf
@@ -369,12 +476,26 @@ class RefEngine:
                     due = min(due, cands[hi])
             user.due, user.due_key = due, (len(user.events), version)
             prev = user.memb
-            for c in sorted(in_range):
+            cands = sorted(in_range)
+            i = 0
+            while True:
+                # The next instant: a rule candidate or a pending deadline (deadlines are
+                # created by the evaluations themselves, always later than the instant that
+                # creates them, so they are looked up afresh each time).
+                c = min(cands[i] if i < len(cands) else math.inf, self._next_deadline(user))
+                if c > n1:
+                    break
+                while i < len(cands) and cands[i] <= c:
+                    i += 1
                 cur = self._evaluate(user, c)
+                trs = []
                 for name in self._topo:
                     if cur[name] != prev[name]:
-                        found.append((c, user.order, topo_idx[name],
-                                      Transition(user.uid, name, cur[name], c)))
+                        tr = Transition(user.uid, name, cur[name], c)
+                        trs.append(tr)
+                        found.append((c, user.order, topo_idx[name], tr))
+                for j, f in enumerate(self._fire(user, c, trs, cur)):
+                    fired.append((c, user.order, n_topo + j, f))
                 prev = cur
             if PARANOID:
                 check = self._evaluate(user, n1)
@@ -382,6 +503,8 @@ class RefEngine:
             user.memb = prev
         self._now = n1
         found.sort(key=lambda x: x[:3])
+        fired.sort(key=lambda x: x[:3])
+        self._call_firings.extend(x[3] for x in fired)
         return [x[3] for x in found]
 
     def _reevaluate(self, user: _User) -> list:
@@ -393,20 +516,136 @@ class RefEngine:
             if cur[name] != before:
                 out.append(Transition(user.uid, name, cur[name], self._now))
         user.memb = cur
+        self._call_firings.extend(self._fire(user, self._now, out, cur))
         return out
 
     def _finish(self, transitions, duplicates=()) -> TransitionList:
-        """Count the transitions and fire the callbacks (after the call's state change)."""
+        """Count the transitions, queue the call's firings and run the callbacks of the
+        delivered ones (after the call's state change, in firing order)."""
         self._stats["transitions"] += len(transitions)
-        for tr in transitions:
-            for fn in list(self._on.get((tr.segment, tr.entered), ())):
-                try:
-                    fn(tr)
-                except Exception:
-                    self._stats["callback_errors"] += 1
-                    log.exception("segcore_ref: %s callback for segment `%s` raised",
-                                  "on_enter" if tr.entered else "on_exit", tr.segment)
+        firings, self._call_firings = self._call_firings, []
+        calls = []
+        for f in firings:
+            if f.delivered:
+                self._stats["firings"] += 1
+                fn = (self._triggers[f.trigger].fn if f.journey is None
+                      else self._journeys[f.journey].steps[f.step].do)
+                if fn is not None:
+                    calls.append((fn, f))
+            else:
+                self._stats["suppressed"] += 1
+            self._queue.append(f)
+        over = len(self._queue) - self._max_queued
+        if over > 0:
+            for _ in range(over):
+                self._queue.popleft()
+            self._stats["firings_dropped"] += over
+        for fn, f in calls:
+            try:
+                fn(f)
+            except Exception:
+                self._stats["callback_errors"] += 1
+                log.exception("segcore_ref: callback %r for %s raised", fn, f)
         return TransitionList(transitions, duplicates)
+
+    # ================================================================== triggers: state
+    @staticmethod
+    def _next_deadline(user: _User):
+        """The earliest pending firing or journey step of ``user`` (inf if none)."""
+        due = min(user.pending.values(), default=math.inf)
+        for js in user.jstate.values():
+            if js[1] < due:
+                due = js[1]
+        return due
+
+    def _fire(self, user: _User, c: int, trs: list, cur: dict) -> list:
+        """After one evaluation of ``user`` at instant ``c`` (whose transitions are ``trs``
+        and memberships ``cur``): update every trigger and journey, in registration order, and
+        return the firings due at ``c`` in that order, policies applied."""
+        if not self._items:
+            return []
+        entered = {t.segment for t in trs if t.entered}
+        left = {t.segment for t in trs if not t.entered}
+        out = []
+        for item in self._items:
+            if isinstance(item, _Trigger):
+                tg = item
+                hit = tg.segment in (entered if tg.entered else left)
+                if not tg.after:
+                    if hit:
+                        out.append(self._policies(user, c, tg))
+                    continue
+                opposite = tg.segment in (left if tg.entered else entered)
+                if opposite:
+                    user.pending.pop(tg.name, None)       # an exit (entry) cancels the wait
+                elif hit:
+                    user.pending[tg.name] = c + tg.after  # a new wait starts
+                due = user.pending.get(tg.name)
+                assert due is None or due >= c, (tg.name, due, c)
+                if due == c:
+                    del user.pending[tg.name]
+                    out.append(self._policies(user, c, tg))
+                continue
+            j = item
+            js = user.jstate.get(j.name)
+            if j.entry in entered and js is None:
+                if j.steps:
+                    js = user.jstate[j.name] = [0, c + j.steps[0].after, c]
+            if js is not None and (j.entry in left or any(s in entered for s in j.exit_on)):
+                del user.jstate[j.name]
+                js = None
+            while js is not None and js[1] == c:
+                k = js[0]
+                step = j.steps[k]
+                f = Firing(user.uid, j.entry, True, c, f"{j.name}:{k}",
+                           f"journey {j.name} step {k + 1}", channel=step.channel,
+                           journey=j.name, step=k)
+                if step.only_if is not None and not Evaluator(
+                        user, c, cur, user.bucket).cond(step.only_if):
+                    f = msgspec.structs.replace(f, delivered=False, suppressed_by="only_if")
+                else:
+                    f = self._cap(user, c, f)
+                out.append(f)
+                if k + 1 < len(j.steps):
+                    js[0] = k + 1
+                    js[1] = c + j.steps[k + 1].after
+                else:                                     # completed
+                    del user.jstate[j.name]
+                    js = None
+        return out
+
+    def _policies(self, user: _User, c: int, tg: _Trigger):
+        """The firing of trigger ``tg`` for ``user`` at ``c``, checked against once, cooldown,
+        max_per and the channel cap, in that order; a delivered one is recorded."""
+        f = Firing(user.uid, tg.segment, tg.entered, c, tg.name, tg.reason, channel=tg.channel)
+        hist = user.hist.get(tg.name, ())
+        why = None
+        if tg.once and hist:
+            why = "once"
+        elif tg.cooldown is not None and hist and c - hist[-1] < tg.cooldown:
+            why = "cooldown"
+        elif tg.max_per is not None and sum(1 for t in hist if t > c - tg.max_per[1]) \
+                >= tg.max_per[0]:
+            why = "max_per"
+        if why is not None:
+            return msgspec.structs.replace(f, delivered=False, suppressed_by=why)
+        f = self._cap(user, c, f)
+        if f.delivered:
+            user.hist.setdefault(tg.name, []).append(c)
+        return f
+
+    def _cap(self, user: _User, c: int, f):
+        """Apply the channel cap of ``f.channel`` (if any); record a delivered firing in the
+        channel's history."""
+        ch = f.channel
+        if ch is None or ch not in self._caps:      # only capped channels keep a history
+            return f
+        hist = user.chist.setdefault(ch, [])
+        cap = self._caps[ch]
+        if cap is not None and sum(1 for t in hist if t > c - cap[1]) >= cap[0]:
+            return msgspec.structs.replace(f, delivered=False, suppressed_by=f"cap:{ch}")
+        hist.append(c)
+        return f
 
     # ================================================================== users
     def _plan_numbers(self):
@@ -597,10 +836,11 @@ class RefEngine:
         if users_of:
             raise RuleError(f"segment `{name}` is referenced by "
                             + ", ".join(f"`{s}`" for s in users_of), segment=name)
+        used_by = self._used_by(name)
+        if used_by:
+            raise RuleError(f"segment `{name}` is used by " + ", ".join(used_by), segment=name)
         out = self._sync(clock_ms)
         del self._ast[name], self._text[name], self._refs[name]
-        self._on.pop((name, True), None)
-        self._on.pop((name, False), None)
         for user in self._users.values():
             user.memb.pop(name, None)
         self._rebuild()
@@ -916,22 +1156,184 @@ class RefEngine:
         return {"users": len(self._users), "segments": len(self._ast), "now": self._now,
                 **self._stats}
 
-    # ================================================================== callbacks
-    def _register(self, segment, fn, entered: bool):
+    # ================================================================== triggers
+    def _sync_registration(self) -> None:
+        """With a clock, a registration first catches up with it (after validation), so that
+        what is registered sees only what happens after it."""
+        clock_ms = self._clock_ms()
+        if clock_ms is not None:
+            self._finish(self._move_time(clock_ms))
+
+    def _used_by(self, segment: str) -> list[str]:
+        """The triggers and journeys that use ``segment`` (described for an error)."""
+        out = []
+        for item in self._items:
+            if isinstance(item, _Trigger):
+                if item.segment == segment:
+                    out.append(f"trigger `{item.name}`")
+            elif (item.entry == segment or segment in item.exit_on
+                  or any(segment in st.refs for st in item.steps)):
+                out.append(f"journey `{item.name}`")
+        return out
+
+    @staticmethod
+    def _opt_duration(v, what: str, positive: bool = False) -> int | None:
+        if v is None:
+            return None
+        ms = R.parse_duration(v)
+        if positive and ms <= 0:
+            raise RuleError(f"`{what}` must be a positive duration, got `{v}`")
+        return ms
+
+    @staticmethod
+    def _max_per(v, what: str = "max_per") -> tuple[int, int] | None:
+        if v is None:
+            return None
+        if not isinstance(v, (tuple, list)) or len(v) != 2:
+            raise SegcoreError(f"`{what}` must be a pair (n, window), got `{v!r}`")
+        n, w = v
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SegcoreError(f"`{what}`: n must be an int >= 1, got `{n!r}`")
+        ms = R.parse_duration(w)
+        if ms <= 0:
+            raise SegcoreError(f"`{what}`: the window must be a positive duration, got `{w!r}`")
+        return n, ms
+
+    @staticmethod
+    def _channel(channel) -> str | None:
+        if channel is not None and (not isinstance(channel, str) or not channel):
+            raise RuleError(f"a channel must be a non-empty string, got `{channel!r}`")
+        return channel
+
+    def add_trigger(self, name: str, segment: str, on: str = "enter", *, after=None,
+                    cooldown=None, max_per=None, once: bool = False, channel: str | None = None,
+                    fn: Callable | None = None) -> None:
+        """Register a trigger (docs/triggers.md) named ``name`` on the entries (``on="enter"``)
+        or exits (``on="exit"``) of ``segment``. Its firings are queued for
+        :meth:`drain_firings`; ``fn`` (optional) is called with each delivered one."""
+        if on not in ("enter", "exit"):
+            raise SegcoreError(f"`on` must be \"enter\" or \"exit\", got `{on!r}`")
+        self._add_trigger(name=name, segment=segment, entered=on == "enter", after=after,
+                          cooldown=cooldown, max_per=max_per, once=once, channel=channel, fn=fn)
+
+    def _make_trigger(self, name, segment, entered, after, cooldown, max_per, once, channel,
+                      fn) -> _Trigger:
+        """Validate a trigger's definition (nothing changes)."""
         self._segment(segment)
+        if name is None:
+            name = f"{segment}:{'enter' if entered else 'exit'}:{len(self._triggers)}"
+        if not isinstance(name, str) or not name:
+            raise RuleError(f"a trigger name must be a non-empty string, got `{name!r}`")
+        if name in self._triggers or name in self._journeys:
+            raise RuleError(f"a trigger or journey named `{name}` already exists")
+        if not isinstance(once, bool):
+            raise SegcoreError(f"once must be a bool, got `{once!r}`")
+        after_ms = self._opt_duration(after, "after") or 0     # 0: immediate
+        cooldown_ms = self._opt_duration(cooldown, "cooldown")
+        mp = self._max_per(max_per)
+        channel = self._channel(channel)
+        if fn is not None and not callable(fn):
+            raise SegcoreError("a callback must be callable")
+        return _Trigger(name, segment, entered, after_ms, cooldown_ms, mp, bool(once), channel,
+                        fn)
 
-        def deco(f):
-            if not callable(f):
-                raise TypeError("a callback must be callable")
-            self._on.setdefault((segment, entered), []).append(f)
-            return f
+    def _add_trigger(self, **kw) -> None:
+        tg = self._make_trigger(**kw)
+        self._sync_registration()
+        self._triggers[tg.name] = tg
+        self._items.append(tg)
 
-        return deco if fn is None else deco(fn)
+    def _register(self, segment, fn, entered: bool, opts: dict):
+        if fn is None:
+            # validate now (the decorator registers; a default name is given then)
+            self._make_trigger(segment=segment, entered=entered, fn=None, **opts)
 
-    def on_enter(self, segment: str, fn: Callable | None = None):
-        """Call ``fn(transition)`` whenever a user enters ``segment`` (usable as a decorator)."""
-        return self._register(segment, fn, True)
+            def deco(f):
+                self._add_trigger(segment=segment, entered=entered, fn=f, **opts)
+                return f
 
-    def on_exit(self, segment: str, fn: Callable | None = None):
-        """Call ``fn(transition)`` whenever a user leaves ``segment`` (usable as a decorator)."""
-        return self._register(segment, fn, False)
+            return deco
+        self._add_trigger(segment=segment, entered=entered, fn=fn, **opts)
+        return fn
+
+    def on_enter(self, segment: str, fn: Callable | None = None, *, after=None, cooldown=None,
+                 max_per=None, once: bool = False, channel: str | None = None,
+                 name: str | None = None):
+        """Register a trigger on the entries of ``segment``: ``fn(firing)`` is called for each
+        delivered firing (usable as a decorator). Options: ``after`` (fire only if the user is
+        still in after that long), ``cooldown``, ``max_per=(n, window)``, ``once``,
+        ``channel`` (see :meth:`cap`) and ``name``. Returns ``fn``."""
+        return self._register(segment, fn, True, dict(
+            after=after, cooldown=cooldown, max_per=max_per, once=once, channel=channel,
+            name=name))
+
+    def on_exit(self, segment: str, fn: Callable | None = None, *, after=None, cooldown=None,
+                max_per=None, once: bool = False, channel: str | None = None,
+                name: str | None = None):
+        """Register a trigger on the exits of ``segment`` (see :meth:`on_enter`)."""
+        return self._register(segment, fn, False, dict(
+            after=after, cooldown=cooldown, max_per=max_per, once=once, channel=channel,
+            name=name))
+
+    def cap(self, channel: str, max_per) -> None:
+        """Cap the delivered firings on ``channel`` (triggers and journey steps alike) to
+        ``max_per=(n, window)`` per user; ``max_per=None`` lifts the cap. A cap counts the
+        firings delivered on the channel since the channel was first capped."""
+        channel = self._channel(channel)
+        if channel is None:
+            raise RuleError("a channel must be a non-empty string, got `None`")
+        self._caps[channel] = self._max_per(max_per)
+
+    def journey(self, name: str, entry: str, exit_on=None) -> Journey:
+        """Register a journey: users enter it by entering ``entry`` and leave it when they
+        leave ``entry`` or enter a segment of ``exit_on``; add steps with ``.step()``."""
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise RuleError(f"`{name}` is not a valid journey name (letters, digits and "
+                            "underscores, not starting with a digit)")
+        if name in self._journeys or name in self._triggers:
+            raise RuleError(f"a trigger or journey named `{name}` already exists")
+        self._segment(entry)
+        if exit_on is None:
+            exit_on = []
+        elif isinstance(exit_on, str):
+            exit_on = [exit_on]
+        exit_on = list(exit_on)
+        for s in exit_on:
+            self._segment(s)
+        j = Journey(self, name, entry, exit_on)
+        self._sync_registration()
+        self._journeys[name] = j
+        self._items.append(j)
+        return j
+
+    def _add_step(self, j: Journey, after, do, only_if, channel) -> None:
+        after_ms = R.parse_duration(after)
+        if do is not None and not callable(do):
+            raise SegcoreError("a callback must be callable")
+        channel = self._channel(channel)
+        ast, refs = None, []
+        if only_if is not None:
+            ast, _ = self._compile(f"{j.name}:{len(j.steps)}", only_if, list(self._ast))
+            refs = R.references(ast)
+        self._sync_registration()
+        j.steps.append(_Step(after_ms, do, ast, refs, channel))
+        # re-registered: the users in it leave it
+        for user in self._users.values():
+            user.jstate.pop(j.name, None)
+
+    def journey_state(self, user) -> dict:
+        """The journeys ``user`` is in: name -> ``{"step": k, "due": ts, "since": ts}`` (the
+        pending step, 0-based, its due instant, and the instant the user entered)."""
+        self._read()
+        u = self._lookup(user)
+        if u is None:
+            return {}
+        return {name: {"step": js[0], "due": js[1], "since": js[2]}
+                for name in self._journeys if (js := u.jstate.get(name)) is not None}
+
+    def drain_firings(self) -> list:
+        """Every firing (delivered or suppressed) since the last drain, in order."""
+        self._read()
+        out = list(self._queue)
+        self._queue.clear()
+        return out

@@ -959,7 +959,7 @@ class Engine:
         self._stats["events"] += 1
         self._stats["batches"] += 1
         self._event_counts[code] += 1
-        return self._drain_list() if pending else []
+        return self._drain_list() if pending or self._kernel.pending_firings else []
 
     def _event_inputs(self, event: str) -> tuple:
         """What the kernel needs from one event of this type: (filter column, where-clause),
@@ -1411,7 +1411,8 @@ class Engine:
         if not isinstance(once, bool):
             raise SegcoreError("once must be a bool")
         if name is None:
-            name = f"{segment}:{'enter' if entered else 'exit'}:{len(self._items)}"
+            n = sum(isinstance(it, TriggerSpec) for it in self._items)
+            name = f"{segment}:{'enter' if entered else 'exit'}:{n}"
         if any(it.name == name for it in self._items):
             raise RuleError(f"a trigger or journey named `{name}` already exists")
         spec = TriggerSpec(name, segment, entered,
@@ -1538,6 +1539,9 @@ class Engine:
             "transitions": self._stats["transitions"], "segments": len(self._asts),
             "features": len(self._plan.features), "timers": k["timers"],
             "callback_errors": self._stats["callback_errors"],
+            "firings": self._stats["firings"], "suppressed": self._stats["suppressed"],
+            "firings_dropped": self._stats["firings_dropped"],
+            "queued_firings": len(self._queue),
             "event_types": len(self._event_names), "memory_bytes": k["memory_bytes"],
         }
 
