@@ -44,3 +44,20 @@ def test_members(benchmark, loaded):
 def test_query(benchmark, loaded):
     bm = benchmark(loaded.query, "(frequent_buyers | high_ltv) & ~holdout_10pct - inactive_30d")
     record(benchmark, size=len(bm))
+
+
+def test_snapshot(benchmark, loaded):
+    import io
+    blob = benchmark(lambda: (lambda b: (loaded.snapshot(b), b.getvalue())[1])(io.BytesIO()))
+    record(benchmark, bytes=len(blob), users=loaded.stats()["users"])
+
+
+def test_restore(benchmark, loaded):
+    import io
+
+    import segcore
+    buf = io.BytesIO()
+    loaded.snapshot(buf)
+    blob = buf.getvalue()
+    twin = benchmark(segcore.Engine.restore, blob)
+    record(benchmark, bytes=len(blob), users=twin.stats()["users"])

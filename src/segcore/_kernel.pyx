@@ -1352,6 +1352,114 @@ cdef class Kernel:
                     self.dead[u * self.n_items + i] = old.dead[u * old.n_items + im[i]]
                     self.jpos[u * self.n_items + i] = old.jpos[u * old.n_items + im[i]]
 
+    def export_state(self):
+        """Every per-user array and the time, as numpy copies (for snapshots)."""
+        cdef int64_t n = self.n_users, u, i, m
+        cdef size_t total = 0
+        cdef Py_ssize_t j
+        for j in range(<Py_ssize_t>(n * self.n_var)):
+            total += self.pools[j].size()
+        counts = np.zeros(n * self.n_var, dtype=np.int64)
+        pts = np.empty(total, dtype=np.int64)
+        pval = np.empty(total, dtype=np.float64)
+        pkey = np.empty(total, dtype=np.int64)
+        paux = np.empty(total, dtype=np.int64)
+        cdef int64_t[::1] mc = counts, mts = pts, mkey = pkey, maux = paux
+        cdef double[::1] mval = pval
+        cdef size_t k = 0
+        for j in range(<Py_ssize_t>(n * self.n_var)):
+            mc[j] = self.pools[j].size()
+            for m in range(<int64_t>self.pools[j].size()):
+                mts[k] = self.pools[j][m].ts
+                mval[k] = self.pools[j][m].val
+                mkey[k] = self.pools[j][m].key
+                maux[k] = self.pools[j][m].aux
+                k += 1
+        nseg1 = max(self.n_seg, 1)
+        return {
+            "now": int(self.now), "n_users": int(n),
+            "istate": self._istate[: n * self.istride].copy(),
+            "fstate": self._fstate[: n * self.fstride].copy(),
+            "members": self._members[: n * nseg1].copy(),
+            "tbits": self._tbits[: n * self.n_trait].copy(),
+            "scores": self._scores[: n * self.n_score].copy(),
+            "bucket": self._bucket[:n].copy(), "wake": self._wake[:n].copy(),
+            "fresh": self._fresh[:n].copy(),
+            "dead": self._dead[: n * self.n_items].copy(),
+            "jpos": self._jpos[: n * self.n_items].copy(),
+            "pool_count": counts, "pool_ts": pts, "pool_val": pval, "pool_key": pkey,
+            "pool_aux": paux,
+        }
+
+    def import_state(self, dict st not None):
+        """Load :meth:`export_state` output into this empty kernel (same plan). Every size and
+        index is checked first: a hostile snapshot raises ValueError, never corrupts memory."""
+        if self.n_users:
+            raise ValueError("import_state: kernel is not empty")
+        n = int(st["n_users"])
+        now = int(st["now"])
+        if not 0 <= n < (<int64_t>1 << 32) or not 0 <= now < (<int64_t>1 << 48):
+            raise ValueError("import_state: bad user count or time")
+        nseg1 = max(self.n_seg, 1)
+        want = {"istate": (np.int64, n * self.istride), "fstate": (np.float64, n * self.fstride),
+                "members": (np.uint8, n * nseg1), "tbits": (np.uint8, n * self.n_trait),
+                "scores": (np.float64, n * self.n_score), "bucket": (np.int32, n),
+                "wake": (np.int64, n), "fresh": (np.uint8, n),
+                "dead": (np.int64, n * self.n_items), "jpos": (np.int32, n * self.n_items),
+                "pool_count": (np.int64, n * self.n_var)}
+        arrs = {}
+        for name, (dt, size) in want.items():
+            a = st[name]
+            if not isinstance(a, np.ndarray) or a.dtype != dt or a.ndim != 1 or len(a) != size:
+                raise ValueError(f"import_state: `{name}` has the wrong type or size")
+            arrs[name] = np.ascontiguousarray(a)
+        counts = arrs["pool_count"]
+        if len(counts) and (counts.min() < 0):
+            raise ValueError("import_state: negative pool size")
+        total = int(counts.sum()) if len(counts) else 0
+        for name, dt in (("pool_ts", np.int64), ("pool_val", np.float64),
+                         ("pool_key", np.int64), ("pool_aux", np.int64)):
+            a = st[name]
+            if not isinstance(a, np.ndarray) or a.dtype != dt or a.ndim != 1 or len(a) != total:
+                raise ValueError(f"import_state: `{name}` has the wrong type or size")
+            arrs[name] = np.ascontiguousarray(a)
+        # journey positions must point at a step; trigger items have none
+        if self.n_items and n:
+            jp = arrs["jpos"].reshape(n, self.n_items)
+            for i in range(self.n_items):
+                hi = (self.it_send[i] - self.it_sstart[i]) if self.it_kind[i] == 1 else 0
+                col = jp[:, i]
+                if ((col < -1) | (col >= hi)).any():
+                    raise ValueError("import_state: journey position out of range")
+        self.add_users(n, arrs["bucket"])
+        self.now = now
+        self._istate[: n * self.istride] = arrs["istate"]
+        self._fstate[: n * self.fstride] = arrs["fstate"]
+        self._members[: n * nseg1] = arrs["members"]
+        self._tbits[: n * self.n_trait] = arrs["tbits"]
+        self._scores[: n * self.n_score] = arrs["scores"]
+        self._wake[:n] = arrs["wake"]
+        self._fresh[:n] = arrs["fresh"]
+        self._dead[: n * self.n_items] = arrs["dead"]
+        self._jpos[: n * self.n_items] = arrs["jpos"]
+        cdef int64_t[::1] mc = arrs["pool_count"], mts = arrs["pool_ts"]
+        cdef int64_t[::1] mkey = arrs["pool_key"], maux = arrs["pool_aux"]
+        cdef double[::1] mval = arrs["pool_val"]
+        cdef Py_ssize_t j
+        cdef int64_t m, k = 0
+        cdef Entry ent
+        for j in range(mc.shape[0]):
+            self.pools[j].clear()
+            for m in range(mc[j]):
+                ent.ts = mts[k]
+                ent.val = mval[k]
+                ent.key = mkey[k]
+                ent.aux = maux[k]
+                self.pools[j].push_back(ent)
+                k += 1
+        with nogil:
+            self._rebuild_heap()
+
     def stats(self):
         cdef size_t pooled = 0
         cdef size_t i

@@ -1545,6 +1545,26 @@ class Engine:
             "event_types": len(self._event_names), "memory_bytes": k["memory_bytes"],
         }
 
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self, path_or_file) -> None:
+        """Write the engine's whole state (rules, triggers, ids, per-user state, bitmaps,
+        policies) to a path (atomically) or a binary file object; see :mod:`segcore.snapshot`.
+
+        Callbacks are code, not state: pass them again to :meth:`restore` by trigger name.
+        """
+        from . import snapshot
+        self._read_sync()
+        snapshot.write(self, path_or_file)
+
+    @classmethod
+    def restore(cls, path_or_file, *, clock=None, callbacks=None) -> "Engine":
+        """An engine restored from :meth:`snapshot`: the same members, and the same future
+        transitions and firings on the same input. ``callbacks`` maps trigger names (and
+        ``"<journey>:<step>"``) to the functions to call again. A truncated, corrupted or
+        hostile file raises :class:`~segcore.SnapshotError`."""
+        from . import snapshot
+        return snapshot.read(path_or_file, clock=clock, callbacks=callbacks)
+
     def __repr__(self) -> str:
         return (f"<segcore.Engine: {len(self._asts)} segments, {self._n_users} users, "
                 f"now={self.now}>")

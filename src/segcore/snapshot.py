@@ -1,0 +1,420 @@
+"""Snapshots: an engine's whole state in one file, restored exactly (no pickle).
+
+Layout (all integers little-endian)::
+
+    b"SEGCORE-SNAP\\0\\0\\0\\0"   16 bytes of magic
+    u32  format version (1)
+    u64  length of the metadata
+    ...  metadata: msgspec MessagePack (rules, triggers, id maps, interned values, traits,
+         policies, counters, and a table of the sections: name, dtype, offset, length)
+    ...  sections: raw little-endian array buffers (kernel state) and roaring bitmaps in the
+         portable format, back to back
+    32   BLAKE2b-256 digest of everything before it
+
+Restoring checks the magic, version and digest first, then decodes the metadata into typed
+structures and validates every section's dtype, offset and size before anything uses it, and
+the kernel validates the shapes of its arrays against the recompiled plan. A truncated,
+corrupted or hostile file raises :class:`~segcore.SnapshotError`; it never crashes the process.
+
+>>> import io, segcore
+>>> eng = segcore.Engine()
+>>> _ = eng.add_segment("recent", "did(x, 1h)")
+>>> _ = eng.track(1, "x", ts=0)
+>>> buf = io.BytesIO()
+>>> eng.snapshot(buf)
+>>> twin = segcore.Engine.restore(io.BytesIO(buf.getvalue()))
+>>> sorted(twin.members("recent")), twin.advance(3_600_000).to_list()
+([1], [Transition(user=1, segment='recent', entered=False, ts=3600000)])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+from typing import Any, Union
+
+import msgspec
+import numpy as np
+
+from .errors import SegcoreError, SnapshotError
+
+__all__ = ["write", "read", "MAGIC", "VERSION"]
+
+MAGIC = b"SEGCORE-SNAP\0\0\0\0"
+VERSION = 1
+_HEAD = struct.Struct("<16sIQ")
+_DIGEST = 32
+_DTYPES = {"i8": np.int64, "f8": np.float64, "u1": np.uint8, "i4": np.int32, "u4": np.uint32,
+           "raw": np.uint8}
+#: Refuse absurd files before reading them whole (a snapshot is state, not a data lake).
+MAX_BYTES = 1 << 40
+
+Scalar = Union[str, int, float, bool, None]
+
+
+class Section(msgspec.Struct, frozen=True):
+    name: str
+    dtype: str
+    offset: int
+    length: int          # in elements
+
+
+class TriggerMeta(msgspec.Struct, frozen=True, tag="trigger"):
+    name: str
+    segment: str
+    entered: bool
+    after_ms: int
+    cooldown_ms: Union[int, None]
+    max_per: Union[tuple[int, int], None]
+    once: bool
+    channel: Union[str, None]
+
+
+class StepMeta(msgspec.Struct, frozen=True):
+    after_ms: int
+    only_if: Union[str, None]
+    channel: Union[str, None]
+
+
+class JourneyMeta(msgspec.Struct, frozen=True, tag="journey"):
+    name: str
+    entry: str
+    exits: list[str]
+    steps: list[StepMeta]
+
+
+class Meta(msgspec.Struct, frozen=True):
+    max_future_ms: int
+    seed: int
+    dedup_ms: int
+    event_types: Union[list[str], None]
+    max_queue: int
+    segments: list[tuple[str, str]]          # public (name, rule text), definition order
+    hidden: list[tuple[str, str]]            # journey only_if conditions
+    items: list[Union[TriggerMeta, JourneyMeta]]
+    item_kinds: list[str]
+    event_names: list[str]
+    event_counts: list[int]
+    values: list[tuple[bool, Scalar]]        # interned property values, in code order
+    n_users: int
+    now: int
+    str_users: list[tuple[int, str]]         # (public number, string id)
+    next_str: int
+    stats: dict[str, int]
+    seen_ids: list[tuple[Union[str, int], int]]
+    traits: dict[str, list[Scalar]]
+    scores: list[tuple[int, dict[str, float]]]
+    caps: dict[str, Union[tuple[int, int], None]]
+    once: list[tuple[str, int]]
+    last: list[tuple[str, int, int]]
+    hist: list[tuple[str, int, list[int]]]
+    chan: list[tuple[str, int, list[int]]]
+    queue: list[Any]
+    sections: list[Section]
+
+
+def _fail(reason: str) -> SnapshotError:
+    return SnapshotError(f"cannot restore snapshot: {reason}")
+
+
+# ---------------------------------------------------------------- writing
+def write(eng, target) -> None:
+    """Write ``eng``'s state to a path or a binary file object."""
+    from .triggers import JourneySpec, TriggerSpec
+
+    ks = eng._kernel.export_state()
+    arrays: list[tuple[str, str, bytes]] = []
+
+    def add(name: str, dtype: str, arr: np.ndarray) -> None:
+        arrays.append((name, dtype, np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
+                       .astype(np.dtype(_DTYPES[dtype]).newbyteorder("<")).tobytes()))
+
+    for name, dtype in (("istate", "i8"), ("fstate", "f8"), ("members", "u1"), ("tbits", "u1"),
+                        ("scores", "f8"), ("bucket", "i4"), ("wake", "i8"), ("fresh", "u1"),
+                        ("dead", "i8"), ("jpos", "i4"), ("pool_count", "i8"), ("pool_ts", "i8"),
+                        ("pool_val", "f8"), ("pool_key", "i8"), ("pool_aux", "i8")):
+        add("k:" + name, dtype, ks[name])
+    add("pub", "u4", eng._pub[: eng._n_users])
+    for name in eng._asts:
+        arrays.append(("bitmap:" + name, "raw", eng._bitmaps[name].serialize()))
+    sections, offset = [], 0
+    for name, dtype, data in arrays:
+        size = np.dtype(_DTYPES[dtype]).itemsize
+        sections.append(Section(name, dtype, offset, len(data) // size))
+        offset += len(data)
+    items, kinds = [], []
+    for it in eng._items:
+        if isinstance(it, TriggerSpec):
+            kinds.append("trigger")
+            items.append(TriggerMeta(it.name, it.segment, it.entered, it.after_ms,
+                                     it.cooldown_ms, it.max_per, it.once, it.channel))
+        elif isinstance(it, JourneySpec):
+            kinds.append("journey")
+            items.append(JourneyMeta(it.name, it.entry, list(it.exits),
+                                     [StepMeta(s.after_ms, s.only_if, s.channel)
+                                      for s in it.steps]))
+    pol = eng._policies
+    n = eng._n_users
+    meta = Meta(
+        max_future_ms=eng._max_future_ms, seed=eng._seed, dedup_ms=eng._dedup_ms,
+        event_types=None if eng._event_types is None else sorted(eng._event_types),
+        max_queue=eng._max_queue,
+        segments=list(eng._texts.items()),
+        hidden=[(k, _text(v)) for k, v in eng._hidden.items()],
+        items=items, item_kinds=kinds,
+        event_names=list(eng._event_names),
+        event_counts=[int(c) for c in eng._event_counts[: len(eng._event_names)]],
+        values=[(k[0], k[1]) for k in eng._values],
+        n_users=n, now=int(ks["now"]), str_users=sorted(eng._str_num.items()), next_str=eng._next_str,
+        stats=dict(eng._stats),
+        seen_ids=list(eng._seen_ids.items()),
+        traits={k: [_plain(v) for v in col[:n].tolist()] for k, col in eng._traits.cols.items()},
+        scores=sorted((d, dict(v)) for d, v in eng._scores.items()),
+        caps=dict(pol.caps), once=sorted(pol.once),
+        last=sorted((k[0], k[1], t) for k, t in pol.last.items()),
+        hist=sorted((k[0], k[1], list(q)) for k, q in pol.hist.items()),
+        chan=sorted((k[0], k[1], list(q)) for k, q in pol.chan.items()),
+        queue=list(eng._queue),
+        sections=sections,
+    )
+    meta_bytes = msgspec.msgpack.encode(meta)
+    h = hashlib.blake2b(digest_size=_DIGEST)
+    chunks = [_HEAD.pack(MAGIC, VERSION, len(meta_bytes)), meta_bytes] + [a[2] for a in arrays]
+    for c in chunks:
+        h.update(c)
+    chunks.append(h.digest())
+    if isinstance(target, (str, os.PathLike)):
+        tmp = f"{os.fspath(target)}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)       # atomic: a crash leaves the old snapshot or the new one
+    else:
+        for c in chunks:
+            target.write(c)
+
+
+def _plain(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _text(ast) -> str:
+    from .rules import to_text
+    return to_text(ast)
+
+
+# ---------------------------------------------------------------- reading
+def _read_bytes(source) -> bytes:
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            size = os.path.getsize(source)
+            if size > MAX_BYTES:
+                raise _fail(f"file of {size} bytes is too large")
+            with open(source, "rb") as f:
+                return f.read()
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return bytes(source)
+        if not callable(getattr(source, "read", None)):
+            raise _fail(f"expected a path, bytes or a binary file object, got "
+                        f"{type(source).__name__}")
+        data = source.read()
+    except OSError as e:
+        raise _fail(f"cannot read it ({e})") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise _fail("the file object must be opened in binary mode")
+    return bytes(data)
+
+
+def read(source, *, clock=None, callbacks=None):
+    """Restore an engine from a path, bytes, or a binary file object."""
+    data = _read_bytes(source)
+    if len(data) < _HEAD.size + _DIGEST:
+        raise _fail(f"truncated ({len(data)} bytes)")
+    magic, version, meta_len = _HEAD.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise _fail("not a segcore snapshot (bad magic)")
+    if version != VERSION:
+        raise _fail(f"unsupported format version {version} (this segcore reads {VERSION})")
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
+        raise _fail("checksum mismatch (the file is truncated or corrupted)")
+    if meta_len > len(body) - _HEAD.size:
+        raise _fail("metadata length is past the end of the file")
+    try:
+        meta = msgspec.msgpack.decode(data[_HEAD.size:_HEAD.size + meta_len], type=Meta)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise _fail(f"bad metadata ({e})") from None
+    payload = memoryview(body)[_HEAD.size + meta_len:]
+    arrays: dict[str, Any] = {}
+    for sec in meta.sections:
+        if sec.dtype not in _DTYPES or sec.name in arrays:
+            raise _fail(f"bad section `{sec.name}`")
+        size = np.dtype(_DTYPES[sec.dtype]).itemsize
+        if sec.offset < 0 or sec.length < 0 or sec.offset + sec.length * size > len(payload):
+            raise _fail(f"section `{sec.name}` is out of bounds")
+        raw = payload[sec.offset: sec.offset + sec.length * size]
+        if sec.dtype == "raw":
+            arrays[sec.name] = bytes(raw)
+        else:
+            arrays[sec.name] = np.frombuffer(
+                raw, dtype=np.dtype(_DTYPES[sec.dtype]).newbyteorder("<")).astype(
+                _DTYPES[sec.dtype])
+    try:
+        return _rebuild(meta, arrays, clock, callbacks)
+    except SnapshotError:
+        raise
+    except (SegcoreError, ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+        raise _fail(f"inconsistent state ({type(e).__name__}: {e})") from None
+
+
+def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
+    from pyroaring import BitMap
+
+    from . import rules as R
+    from ._kernel import IdMap, Kernel
+    from .compile import compile_segments
+    from .engine import Engine, _TraitStore
+    from .triggers import JourneySpec, StepSpec, TriggerSpec
+
+    callbacks = dict(callbacks or {})
+    eng = Engine(clock=clock, max_future=meta.max_future_ms, seed=meta.seed,
+                 dedup_horizon=meta.dedup_ms, event_types=meta.event_types,
+                 max_queued_firings=meta.max_queue)
+    for name in meta.event_names:
+        if not name or eng._event_code(name) != len(eng._event_names) - 1:
+            raise _fail("duplicate or empty event type")
+    names = [n for n, _ in meta.segments]
+    asts = {}
+    for name, text in meta.segments:
+        asts[name] = R.parse_full(text, segment=name, segments=set(names)).ast
+    hidden = {name: R.parse_full(text, segment=name, segments=set(names)).ast
+              for name, text in meta.hidden}
+    items = []
+    if len(meta.items) != len(meta.item_kinds):
+        raise _fail("item kinds do not match the items")
+    for it in meta.items:
+        if isinstance(it, TriggerMeta):
+            if it.segment not in asts:
+                raise _fail(f"trigger `{it.name}` names an unknown segment")
+            items.append(TriggerSpec(it.name, it.segment, it.entered, it.after_ms,
+                                     it.cooldown_ms, it.max_per, it.once, it.channel,
+                                     callbacks.pop(it.name, None)))
+        else:
+            if it.entry not in asts or any(x not in asts for x in it.exits) or any(
+                    s.only_if is not None and s.only_if not in hidden for s in it.steps):
+                raise _fail(f"journey `{it.name}` names an unknown segment")
+            items.append(JourneySpec(it.name, it.entry, list(it.exits), [
+                StepSpec(s.after_ms, callbacks.pop(f"{it.name}:{k}", None), s.only_if,
+                         s.channel) for k, s in enumerate(it.steps)]))
+    if callbacks:
+        raise SegcoreError("callbacks for unknown triggers: "
+                           + ", ".join(f"`{k}`" for k in sorted(callbacks)))
+    plan = compile_segments({**asts, **hidden}, eng._event_code, [it.item() for it in items])
+    if len(eng._event_names) != len(meta.event_names):
+        raise _fail("the rules name event types the snapshot does not list")
+    kernel = Kernel(plan.arrays)
+    st = {k[2:]: v for k, v in arrays.items() if k.startswith("k:")}
+    st.update(n_users=meta.n_users, now=meta.now)
+    kernel.import_state(st)
+    eng._kernel = kernel
+    eng._set_plan(plan)
+    eng._asts = asts
+    eng._texts = dict(meta.segments)
+    eng._hidden = hidden
+    eng._items = items
+    # ids
+    n = meta.n_users
+    pub = arrays.get("pub")
+    if not isinstance(pub, np.ndarray) or len(pub) != n:
+        raise _fail("user numbers do not match the user count")
+    eng._pub = np.zeros(max(16, n), dtype=np.uint32)
+    eng._pub[:n] = pub
+    eng._n_users = n
+    eng._str_num = dict(meta.str_users)
+    if len(eng._str_num) != len(meta.str_users):
+        raise _fail("a user number is given twice")
+    eng._str_dense = {}
+    is_str = np.zeros(n, dtype=bool)
+    for d, num in enumerate(pub.tolist()):
+        s = eng._str_num.get(num)
+        if s is not None:
+            if s in eng._str_dense:
+                raise _fail("a string id appears twice")
+            eng._str_dense[s] = d
+            is_str[d] = True
+    if len(eng._str_dense) != len(eng._str_num):
+        raise _fail("string ids do not match the user numbers")
+    ints = pub[~is_str]
+    if len(np.unique(ints)) != len(ints):
+        raise _fail("a user number appears twice")
+    eng._int_dense = IdMap(max(16, len(ints)))
+    eng._int_dense.insert(np.ascontiguousarray(ints, dtype=np.uint32),
+                          np.flatnonzero(~is_str).astype(np.int64))
+    eng._next_str = meta.next_str
+    eng._all = BitMap(pub.astype(np.uint32))
+    # events, values, dedup
+    counts = np.zeros(max(16, len(meta.event_counts)), dtype=np.int64)
+    counts[: len(meta.event_counts)] = meta.event_counts
+    eng._event_counts = counts
+    eng._values = {}
+    for is_s, v in meta.values:
+        if is_s != isinstance(v, str):
+            raise _fail("bad interned value")
+        eng._values[(is_s, v)] = len(eng._values)
+    eng._seen_ids = dict(meta.seen_ids)
+    eng._stats.update({k: int(v) for k, v in meta.stats.items() if k in eng._stats})
+    # profiles
+    store = _TraitStore()
+    store.reserve(n)
+    for name, values in meta.traits.items():
+        if len(values) != n:
+            raise _fail(f"trait `{name}` does not cover every user")
+        col = np.empty(len(values), dtype=object)
+        col[:] = values
+        store.set(name, np.arange(n), col)
+    eng._traits = store
+    eng._scores = {}
+    for d, sc in meta.scores:
+        if not 0 <= d < n:
+            raise _fail("scores of an unknown user")
+        eng._scores[d] = dict(sc)
+    # policies and queue
+    pol = eng._policies
+    pol.caps = dict(meta.caps)
+    pol.once = {(a, b) for a, b in meta.once}
+    pol.last = {(a, b): t for a, b, t in meta.last}
+    from collections import deque
+    pol.hist = {(a, b): deque(ts) for a, b, ts in meta.hist}
+    pol.chan = {(a, b): deque(ts) for a, b, ts in meta.chan}
+    from .triggers import Firing
+    eng._queue = deque(msgspec.convert(f, Firing) for f in meta.queue)
+    # bitmaps, checked against the kernel's member bits
+    members = kernel.export_state()["members"].reshape(n, max(len(plan.names), 1)) if n else \
+        np.zeros((0, max(len(plan.names), 1)), np.uint8)
+    eng._bitmaps = {}
+    for name in asts:
+        raw = arrays.get("bitmap:" + name)
+        if raw is None:
+            raise _fail(f"bitmap of `{name}` is missing")
+        try:
+            bm = BitMap.deserialize(raw)
+        except Exception:  # noqa: BLE001 - pyroaring raises various errors on bad input
+            raise _fail(f"bitmap of `{name}` is corrupted") from None
+        col = plan.names.index(name)
+        want = BitMap(pub[members[:, col] != 0].astype(np.uint32)) if n else BitMap()
+        if bm != want:
+            raise _fail(f"bitmap of `{name}` disagrees with the kernel state")
+        eng._bitmaps[name] = bm
+    return eng
+
+
+def to_bytes(eng) -> bytes:
+    buf = io.BytesIO()
+    write(eng, buf)
+    return buf.getvalue()
