@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import array
 import datetime as _dt
+import functools
 import logging
+import os
 import math
 import re
 from collections import deque
@@ -30,9 +32,10 @@ import numpy as np
 from pyroaring import BitMap, FrozenBitMap
 
 from . import rules as R
+from . import wal as _wal
 from ._kernel import IdMap, Kernel
 from .compile import Plan, compile_segments, feature_map
-from .errors import EventError, RuleError, SegcoreError
+from .errors import EventError, RuleError, SegcoreError, SnapshotError
 from .hashing import bucket_of, buckets_of_ints
 from .triggers import (Firing, Journey, JourneySpec, Policies, StepSpec, TriggerSpec,
                        check_name, parse_max_per)
@@ -46,6 +49,38 @@ _U32 = 1 << 32
 _MAX_TS = R.MAX_TIME_MS
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+def _plain(x):
+    """Arguments as MessagePack can carry them (numpy arrays and scalars to lists and ints)."""
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _logged(method):
+    """Append a successful top-level call to the write-ahead log before it returns."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self._log is None or self._replaying or self._wal_depth:
+            return method(self, *args, **kwargs)
+        self._wal_depth += 1
+        self._clock_seen = None
+        try:
+            out = method(self, *args, **kwargs)
+        finally:
+            self._wal_depth -= 1
+        self._log.append(_wal.Call(name, _plain(list(args)), _plain(kwargs), self._clock_seen))
+        return out
+    return wrapper
 
 
 class Transition(msgspec.Struct, frozen=True):
@@ -397,7 +432,8 @@ class Engine:
 
     def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
                  dedup_horizon="1d", event_types: Iterable[str] | None = None,
-                 max_queued_firings: int = 1_000_000):
+                 max_queued_firings: int = 1_000_000, wal: str | os.PathLike | None = None,
+                 fsync: str = "always"):
         if clock is not None and not callable(clock):
             raise SegcoreError("clock must be a callable returning seconds (like time.time)")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -442,6 +478,20 @@ class Engine:
         self._max_queue = max_queued_firings
         self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
                        "batches": 0, "firings": 0, "suppressed": 0, "firings_dropped": 0}
+        # write-ahead log (segcore.wal)
+        self._log = None
+        self._replaying = False
+        self._wal_depth = 0
+        self._clock_seen = None
+        self._replay_clock = None
+        self._wal_dir = None
+        self._wal_seq = 0
+        if fsync not in _wal.FSYNC_POLICIES:
+            raise SegcoreError(f"fsync must be one of {', '.join(_wal.FSYNC_POLICIES)}, got "
+                               f"{fsync!r}")
+        self._fsync = fsync
+        if wal is not None:
+            self._start_wal(os.fspath(wal))
 
     def _set_plan(self, plan: Plan) -> None:
         self._plan = plan
@@ -628,6 +678,7 @@ class Engine:
         """
         return self.add_segments({name: rule})
 
+    @_logged
     def add_segments(self, segments: Mapping[str, Any]) -> Transitions:
         """Define several segments at once; they may reference each other in any order."""
         if not isinstance(segments, Mapping):
@@ -670,6 +721,7 @@ class Engine:
                                 segment=name)
         return node, R.to_text(node)
 
+    @_logged
     def remove_segment(self, name: str) -> None:
         """Remove a segment (its members, bitmap and callbacks go with it)."""
         self._require_segment(name)
@@ -770,6 +822,7 @@ class Engine:
         raise EventError(f"{what} `{key}` must be a string, number, bool or None, got "
                          f"{type(v).__name__}", index=index, field=f"{what}s.{key}")
 
+    @_logged
     def set_traits(self, user: UserId, traits: Mapping[str, Any]) -> list[Transition]:
         """Set (or with ``None``, delete) traits of a user; returns the transitions caused.
 
@@ -799,6 +852,7 @@ class Engine:
         self._kernel.eval_users(np.array([d], dtype=np.uint32))
         return list(self._drain([]))
 
+    @_logged
     def set_traits_many(self, user, **traits) -> Transitions:
         """Set traits for many users: ``set_traits_many(user=ids, country=codes, ...)``.
 
@@ -834,6 +888,7 @@ class Engine:
         self._kernel.eval_users(order.astype(np.uint32))
         return self._drain([])
 
+    @_logged
     def set_scores(self, user: UserId, scores: Mapping[str, Any]) -> list[Transition]:
         """Set (or with ``None``, delete) numeric scores used as ``score.NAME`` in rules."""
         clock_ms = self._read_clock()
@@ -865,8 +920,14 @@ class Engine:
 
     # ------------------------------------------------------------------ time
     def _read_clock(self) -> int | None:
-        """The clock in ms (read once per call), or None in event-time mode."""
-        return None if self._clock is None else self._clock_ms()
+        """The clock in ms (read once per call), or None in event-time mode. The write-ahead
+        log records the reading so that a replay sees the same time."""
+        if self._replaying:
+            return self._replay_clock
+        ms = None if self._clock is None else self._clock_ms()
+        if self._clock_seen is None:
+            self._clock_seen = ms
+        return ms
 
     def _catch_up(self, clock_ms: int | None) -> None:
         """Move time to the clock; called once a call's input has been accepted, so that a
@@ -882,6 +943,7 @@ class Engine:
             raise SegcoreError(f"clock() must return seconds as a number, got {t!r}") from None
         return min(max(ms, 0), _MAX_TS - 1)
 
+    @_logged
     def advance(self, ts) -> Transitions:
         """Move time forward to ``ts`` (ms or datetime); returns the transitions time caused,
         each at the exact instant its rule flipped. Earlier times are a no-op."""
@@ -891,6 +953,7 @@ class Engine:
         return self._drain([])
 
     # ------------------------------------------------------------------ events
+    @_logged
     def track(self, user: UserId, event: str, ts=None, props: Mapping[str, Any] | None = None,
               id=None) -> list[Transition]:
         """Track one event; returns the transitions it (and the time it moved) caused.
@@ -983,6 +1046,7 @@ class Engine:
             self._seen_ids = {k: v for k, v in seen.items() if v >= cut}
             self._ids_pruned_at = len(self._seen_ids)
 
+    @_logged
     def track_many(self, user, event, ts, props: Mapping[str, Any] | None = None,
                    id=None) -> Transitions:
         """Track a batch of events given as columns; exactly like tracking them one by one.
@@ -1019,6 +1083,7 @@ class Engine:
         ids = None if id is None else _as_column(id, n, "id")
         return self._ingest(users, events, tss, cols, ids)
 
+    @_logged
     def track_json(self, data: bytes | str) -> Transitions:
         """Track a JSON array of ``{"user", "event", "ts", "props"?, "id"?}`` objects
         (``ts`` in ms or ISO 8601); same contract as :meth:`track_many`."""
@@ -1419,16 +1484,39 @@ class Engine:
                            0 if after is None else R.parse_duration(after),
                            None if cooldown is None else R.parse_duration(cooldown),
                            parse_max_per(max_per), once, channel, fn)
+        self._clock_seen = None
         self._replan(self._asts, self._texts, [], self._read_clock(),
                      items=self._items + [spec])
+        self._log_internal("_replay_trigger", [segment, entered, spec.after_ms,
+                                               spec.cooldown_ms, spec.max_per, once, channel,
+                                               name])
         return fn
 
+    def _log_internal(self, method: str, args: list) -> None:
+        if self._log is not None and not self._replaying and not self._wal_depth:
+            self._log.append(_wal.Call(method, _plain(args), {}, self._clock_seen))
+
+    def _replay_trigger(self, segment, entered, after_ms, cooldown_ms, max_per, once, channel,
+                        name) -> None:
+        self._register(segment, entered, None, after_ms, cooldown_ms,
+                       None if max_per is None else tuple(max_per), once, channel, name,
+                       decorator=False)
+
+    def _replay_step(self, journey: str, after_ms: int, only_if, channel) -> None:
+        spec = next((it for it in self._items
+                     if isinstance(it, JourneySpec) and it.name == journey), None)
+        if spec is None:
+            raise SegcoreError(f"log names an unknown journey `{journey}`")
+        Journey(self, spec).step(after_ms, only_if=only_if, channel=channel)
+
+    @_logged
     def cap(self, channel: str, max_per) -> None:
         """Cap firings per user on a channel across all triggers and journey steps, e.g.
         ``eng.cap("email", max_per=(2, "1d"))``; firings over it are reported suppressed
         (``suppressed_by="cap:email"``). The cap counts firings delivered after it was set."""
         self._policies.caps[check_name(channel, "channel")] = parse_max_per(max_per)
 
+    @_logged
     def journey(self, name: str, entry: str, exit_on=None) -> Journey:
         """Start a journey: users enter it when they enter ``entry`` and leave it when they
         leave ``entry`` or enter a segment of ``exit_on``; add steps with ``.step(...)``."""
@@ -1456,8 +1544,14 @@ class Engine:
             step.only_if = hname
         new = JourneySpec(spec.name, spec.entry, spec.exits, spec.steps + [step])
         items = [new if it is spec else it for it in self._items]
+        self._clock_seen = None
         self._replan(self._asts, self._texts, [], self._read_clock(), items=items,
                      hidden=hidden)
+        self._log_internal("_replay_step", [spec.name, step.after_ms,
+                                            None if only_if is None else
+                                            (only_if if isinstance(only_if, str)
+                                             else R.to_text(getattr(only_if, "node", only_if))),
+                                            step.channel])
         spec.steps = new.steps           # the Journey handle follows the registered spec
         self._items = [spec if it is new else it for it in self._items]
 
@@ -1545,6 +1639,104 @@ class Engine:
             "event_types": len(self._event_names), "memory_bytes": k["memory_bytes"],
         }
 
+    # ------------------------------------------------------------------ durability
+    def _start_wal(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        _wal.check_dir_empty_of_state(directory)
+        self._wal_dir = directory
+        self._wal_seq = 0
+        snap, log = _wal.paths(directory, 0)
+        from . import snapshot
+        snapshot.write(self, snap)
+        self._log = _wal.Log(log, self._fsync, truncate_at=0)
+        _wal.fsync_dir(directory)
+
+    @classmethod
+    def open(cls, directory, *, clock=None, callbacks=None, fsync: str = "always") -> "Engine":
+        """Reopen an engine from its data directory: restore the latest snapshot, replay the
+        log after it (a torn last record is dropped), and keep logging there. ``callbacks``
+        maps trigger names (and ``"<journey>:<step>"``) to their functions.
+
+        Firings that the replay re-produces were delivered before the restart: they are queued
+        again (``drain_firings``) but their callbacks are not called a second time.
+        """
+        from . import snapshot
+        directory = os.fspath(directory)
+        n = _wal.latest(directory)
+        if n is None:
+            raise SnapshotError(f"`{directory}` holds no segcore data (no snapshot-N.snap)")
+        snap, log = _wal.paths(directory, n)
+        eng = snapshot.read(snap, clock=clock)
+        records, end, torn = _wal.read_records(log)
+        eng._replaying = True
+        try:
+            for call in records:
+                eng._replay_clock = call.clock_ms
+                if not (call.method in _LOGGED or call.method in ("_replay_trigger",
+                                                                  "_replay_step")):
+                    raise SnapshotError(f"log record calls unknown method `{call.method}`")
+                getattr(eng, call.method)(*call.args, **call.kwargs)
+        except SnapshotError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a log that does not replay is a corrupt log
+            raise SnapshotError(f"cannot replay `{log}`: {type(e).__name__}: {e}") from None
+        finally:
+            eng._replaying = False
+            eng._replay_clock = None
+        eng._attach_callbacks(callbacks or {})
+        if torn:
+            log_warn = f"segcore: dropped a torn or corrupt tail of {log} after byte {end}"
+            logging.getLogger("segcore").warning(log_warn)
+        eng._fsync = fsync
+        eng._wal_dir = directory
+        eng._wal_seq = n
+        eng._log = _wal.Log(log, fsync, truncate_at=end)
+        return eng
+
+    def _attach_callbacks(self, callbacks: Mapping[str, Callable]) -> None:
+        left = dict(callbacks)
+        for it in self._items:
+            if isinstance(it, TriggerSpec):
+                if it.name in left:
+                    it.fn = left.pop(it.name)
+            else:
+                for k, st in enumerate(it.steps):
+                    if f"{it.name}:{k}" in left:
+                        st.fn = left.pop(f"{it.name}:{k}")
+        if left:
+            raise SegcoreError("callbacks for unknown triggers: "
+                               + ", ".join(f"`{k}`" for k in sorted(left)))
+
+    def checkpoint(self) -> None:
+        """Write a snapshot of the current state and start a new, empty log (the older
+        snapshot and log are deleted once the new ones are durable)."""
+        if self._wal_dir is None:
+            raise SegcoreError("checkpoint() needs an engine with a write-ahead log "
+                               "(Engine(wal=dir) or Engine.open(dir))")
+        from . import snapshot
+        n = self._wal_seq + 1
+        snap, log = _wal.paths(self._wal_dir, n)
+        snapshot.write(self, snap)
+        new_log = _wal.Log(log, self._fsync, truncate_at=0)
+        _wal.fsync_dir(self._wal_dir)
+        old_snap, old_log = _wal.paths(self._wal_dir, self._wal_seq)
+        if self._log is not None:
+            self._log.close()
+        self._log = new_log
+        self._wal_seq = n
+        for path in (old_snap, old_log):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        _wal.fsync_dir(self._wal_dir)
+
+    def close(self) -> None:
+        """Flush and close the write-ahead log (the engine stays usable in memory, unlogged)."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     # ------------------------------------------------------------------ snapshots
     def snapshot(self, path_or_file) -> None:
         """Write the engine's whole state (rules, triggers, ids, per-user state, bitmaps,
@@ -1568,6 +1760,10 @@ class Engine:
     def __repr__(self) -> str:
         return (f"<segcore.Engine: {len(self._asts)} segments, {self._n_users} users, "
                 f"now={self.now}>")
+
+
+_LOGGED = {"add_segments", "remove_segment", "set_traits", "set_traits_many", "set_scores",
+           "advance", "track", "track_many", "track_json", "cap", "journey"}
 
 
 class _TraitStore:
