@@ -534,3 +534,30 @@ def test_bools_are_numbers(make_engine):
     eng.track(1, "y", ts=4, props={"v": True})
     assert eng.track(1, "y", ts=5, props={"v": 1}) == []     # true and 1 are the same value
     assert eng.track(1, "y", ts=6, props={"v": False}) == [T(1, "kinds", True, 6)]
+
+
+def test_forget_erases_the_user_everywhere(make_engine):
+    eng = make_engine()
+    eng.add_segments({"buyers": "did(purchase)", "recent": "did(x, 1h)",
+                      "se": 'trait.country == "SE"', "risky": "score.churn >= 0.5"})
+    eng.add_trigger("later", "recent", after="30m")
+    eng.track("ann", "purchase", ts=1)
+    eng.track("ann", "x", ts=2)
+    eng.set_traits("ann", {"country": "SE"})
+    eng.set_scores("ann", {"churn": 0.9})
+    eng.track(7, "x", ts=3)
+    number = eng.user_number("ann")
+    assert eng.forget("ann") is True
+    assert eng.forget("ann") is False and eng.forget(12345) is False
+    assert eng.segments_of("ann") == []
+    assert all(number not in eng.members(s) for s in eng.segments)
+    assert eng.stats()["users"] == 1
+    with pytest.raises(KeyError):
+        eng.user_number("ann")
+    # the pending firing went with the user; user 7's still comes
+    eng.advance(2 * H)
+    assert [(f.user, f.trigger) for f in eng.drain_firings()] == [(7, "later")]
+    # the id may come back: a brand-new user with no history and a new number
+    assert eng.track("ann", "x", ts=3 * H) == [T("ann", "recent", True, 3 * H)]
+    assert eng.user_number("ann") != number
+    assert eng.segments_of("ann") == ["recent"]

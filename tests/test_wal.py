@@ -196,3 +196,25 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_event(tmp_path):
                    (i % 7 == 0 and i + 1_000_000 not in members)]
         assert not missing, f"round {round_}: acknowledged events lost: {missing[:5]}"
         eng.close()
+
+
+def test_forgotten_user_leaves_no_trace_in_files_written_afterwards(tmp_path):
+    d = tmp_path / "data"
+    eng = segcore.Engine(wal=d)
+    eng.add_segments({"buyers": "did(purchase)", "se": 'trait.country == "SE"'})
+    secret = "zoe.private@example.com"
+    eng.track(secret, "purchase", ts=1, props={"note": "secret-prop-value"})
+    eng.set_traits(secret, {"country": "SE", "nickname": "secret-trait-value"})
+    eng.track(2, "purchase", ts=2)
+    assert eng.forget(secret)
+    eng.track(3, "purchase", ts=3)
+    eng.checkpoint()
+    eng.track(4, "purchase", ts=4)
+    eng.close()
+    for name in os.listdir(d):
+        data = (d / name).read_bytes()
+        assert secret.encode() not in data, name
+        assert b"secret-trait-value" not in data, name
+    back = segcore.Engine.open(d)
+    assert sorted(back.members("buyers")) == [2, 3, 4]
+    assert back.segments_of(secret) == []

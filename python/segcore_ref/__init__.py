@@ -363,6 +363,7 @@ class RefEngine:
         self._str_numbers: dict[str, int] = {}       # string id -> public number
         self._number_str: dict[int, str] = {}        # public number -> string id
         self._next_str = _MAX_USER - 1               # next number for a string (counting down)
+        self._n_created = 0                          # users ever created (their order)
         self._ids: dict[Any, int] = {}               # message id -> engine time of first sighting
         self._arrival = 0
         self._event_codes: dict[str, int] = {}      # event type -> code (event_code())
@@ -687,7 +688,8 @@ class RefEngine:
     def _user(self, uid, number: int) -> _User:
         user = self._users.get(number)
         if user is None:
-            user = _User(uid, number, len(self._users), self._seed)
+            user = _User(uid, number, self._n_created, self._seed)
+            self._n_created += 1
             self._users[number] = user
         return user
 
@@ -1108,6 +1110,23 @@ class RefEngine:
         u = _check_user(user, None)
         return self._set([(u, self._check_traits(scores, None, "scores"))], "scores",
                          clock_ms, False)
+
+    def forget(self, user) -> bool:
+        """Erase a user: every event, trait, score, membership, pending firing and queued
+        firing of theirs. Returns whether the engine knew the user. The id may come back later
+        as a new user (a string id then gets a new number)."""
+        clock_ms = self._clock_ms()
+        u = _check_user(user, None)
+        out = self._sync(clock_ms)
+        rec = self._lookup(u)
+        if rec is not None:
+            del self._users[rec.number]
+            if isinstance(u, str):
+                del self._str_numbers[u]
+                del self._number_str[rec.number]
+            self._queue = collections.deque(f for f in self._queue if f.user != u)
+        self._finish(out)
+        return rec is not None
 
     # ================================================================== reads
     def _read(self) -> None:

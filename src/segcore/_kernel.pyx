@@ -1233,6 +1233,31 @@ cdef class Kernel:
             for j in range(ns):
                 self.scores[<int64_t>uidx[i] * ns + j] = values[i * ns + j]
 
+    def forget(self, uint32_t u):
+        """Erase user u's state: counters, windows, memberships, traits, scores, timers,
+        pending firings. The slot stays allocated but holds nothing of the user."""
+        cdef int64_t j
+        if u >= self.n_users:
+            raise ValueError("forget: user index out of range")
+        for j in range(self.istride):
+            self.istate[<int64_t>u * self.istride + j] = self.irow_init[j]
+        for j in range(self.fstride):
+            self.fstate[<int64_t>u * self.fstride + j] = self.frow_init[j]
+        for j in range(self.n_var):
+            vector[Entry]().swap(self.pools[<size_t>u * self.n_var + j])
+        for j in range(max(self.n_seg, 1)):
+            self.members[<int64_t>u * max(self.n_seg, 1) + j] = 0
+        for j in range(self.n_trait):
+            self.tbits[<int64_t>u * self.n_trait + j] = 0
+        for j in range(self.n_score):
+            self.scores[<int64_t>u * self.n_score + j] = NAN
+        for j in range(self.n_items):
+            self.dead[<int64_t>u * self.n_items + j] = INT64_MAX
+            self.jpos[<int64_t>u * self.n_items + j] = -1
+        self.wake[u] = INT64_MAX          # its heap entries are now stale
+        self.bucket[u] = 0
+        self.fresh[u] = 0
+
     def set_now(self, int64_t t):
         if t < self.now:
             raise ValueError("set_now: time cannot move backwards")
@@ -1488,12 +1513,14 @@ cdef class IdMap:
     cdef uint32_t* keys
     cdef int64_t* vals
     cdef readonly int64_t size, capacity
+    cdef int64_t used
 
     def __init__(self, int64_t capacity=1024):
         cap = 16
         while cap < 2 * capacity:
             cap *= 2
         self.size = 0
+        self.used = 0
         self._alloc(cap)
 
     cdef void _alloc(self, int64_t cap) except *:
@@ -1510,7 +1537,7 @@ cdef class IdMap:
         cdef uint64_t h = (<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 17
         cdef int64_t mask = self.capacity - 1
         cdef int64_t i = <int64_t>(h & <uint64_t>mask)
-        while self.vals[i] >= 0 and self.keys[i] != key:
+        while self.vals[i] != -1 and self.keys[i] != key:   # -2: deleted, keep probing
             i = (i + 1) & mask
         return i
 
@@ -1522,10 +1549,20 @@ cdef class IdMap:
         with nogil:
             for i in range(n):
                 mo[i] = self.vals[self._slot(ids[i])]
+                if mo[i] < 0:
+                    mo[i] = -1
         return out
 
     def get(self, uint32_t key):
-        return self.vals[self._slot(key)]
+        cdef int64_t v = self.vals[self._slot(key)]
+        return v if v >= 0 else -1
+
+    def remove(self, uint32_t key):
+        """Forget a key (its slot becomes a tombstone that lookups probe past)."""
+        cdef int64_t s = self._slot(key)
+        if self.vals[s] >= 0:
+            self.vals[s] = -2
+            self.size -= 1
 
     def insert(self, const uint32_t[::1] ids not None, const int64_t[::1] dense not None):
         """Add ids (not already present) with their dense indices."""
@@ -1536,7 +1573,7 @@ cdef class IdMap:
         for i in range(n):
             if dense[i] < 0:
                 raise ValueError("insert: dense indices must be >= 0")
-        if 2 * (self.size + n) > self.capacity:
+        if 2 * (self.used + n) > self.capacity:     # tombstones count until a rehash
             self._grow(2 * (self.size + n))
         for i in range(n):
             s = self._slot(ids[i])
@@ -1544,6 +1581,7 @@ cdef class IdMap:
                 self.size += 1
             self.keys[s] = ids[i]
             self.vals[s] = dense[i]
+        self.used = max(self.used, self.size)
 
     cdef void _grow(self, int64_t need) except *:
         old_keys, old_vals = self._keys, self._vals
@@ -1552,5 +1590,6 @@ cdef class IdMap:
             cap *= 2
         self._alloc(cap)
         self.size = 0
+        self.used = 0
         live = old_vals >= 0
         self.insert(np.ascontiguousarray(old_keys[live]), np.ascontiguousarray(old_vals[live]))

@@ -448,6 +448,7 @@ class Engine:
         self._str_dense: dict[str, int] = {}       # string user id -> dense index
         self._pub = np.zeros(16, dtype=np.uint32)
         self._n_users = 0
+        self._erased: set[int] = set()              # dense slots of forgotten users
         self._str_num: dict[int, str] = {}
         self._next_str = _U32 - 1
         # events
@@ -1628,7 +1629,7 @@ class Engine:
         self._read_sync()
         k = self._kernel.stats()
         return {
-            "now": self.now, "users": self._n_users, "events": self._stats["events"],
+            "now": self.now, "users": self._n_users - len(self._erased), "events": self._stats["events"],
             "batches": self._stats["batches"], "duplicates": self._stats["duplicates"],
             "transitions": self._stats["transitions"], "segments": len(self._asts),
             "features": len(self._plan.features), "timers": k["timers"],
@@ -1638,6 +1639,55 @@ class Engine:
             "queued_firings": len(self._queue),
             "event_types": len(self._event_names), "memory_bytes": k["memory_bytes"],
         }
+
+    def forget(self, user: UserId) -> bool:
+        """Erase a user from every structure: per-user state in the kernel, memberships and
+        bitmaps, pending timers and firings, traits, scores, trigger histories and id maps.
+        Returns whether the engine knew the user. The id may come back later as a new user
+        (a string id then gets a new number).
+
+        With a write-ahead log, this checkpoints at once: the new snapshot holds no trace of
+        the user and the log that held their events is deleted, so no file the engine writes
+        from now on contains them.
+
+        >>> eng = Engine()
+        >>> _ = eng.add_segment("buyers", "did(purchase)")
+        >>> _ = eng.track("ann@example.com", "purchase", ts=1)
+        >>> eng.forget("ann@example.com"), eng.size("buyers"), eng.segments_of("ann@example.com")
+        (True, 0, [])
+        """
+        clock_ms = self._read_clock()
+        user = self._check_user(user) if not isinstance(user, int) or isinstance(user, bool) \
+            or not 0 <= user < _U32 else user
+        d = self._dense_of(user)
+        self._catch_up(clock_ms)
+        self._drain([])
+        if d is None:
+            return False
+        num = int(self._pub[d])
+        self._kernel.forget(d)
+        if isinstance(user, str):
+            del self._str_dense[user]
+            del self._str_num[num]
+        else:
+            self._int_dense.remove(num)
+        self._pub[d] = 0
+        self._erased.add(d)
+        self._all.discard(num)
+        for bm in self._bitmaps.values():
+            bm.discard(num)
+        for col in self._traits.cols.values():
+            col[d] = None
+        self._scores.pop(d, None)
+        pol = self._policies
+        pol.once = {k for k in pol.once if k[1] != d}
+        pol.last = {k: v for k, v in pol.last.items() if k[1] != d}
+        pol.hist = {k: v for k, v in pol.hist.items() if k[1] != d}
+        pol.chan = {k: v for k, v in pol.chan.items() if k[1] != d}
+        self._queue = deque(f for f in self._queue if f.user != user)
+        if self._log is not None and not self._replaying:
+            self.checkpoint()
+        return True
 
     # ------------------------------------------------------------------ durability
     def _start_wal(self, directory: str) -> None:

@@ -99,6 +99,7 @@ class Meta(msgspec.Struct, frozen=True):
     event_counts: list[int]
     values: list[tuple[bool, Scalar]]        # interned property values, in code order
     n_users: int
+    erased: list[int]                        # dense slots of forgotten users
     now: int
     str_users: list[tuple[int, str]]         # (public number, string id)
     next_str: int
@@ -167,7 +168,7 @@ def write(eng, target) -> None:
         event_names=list(eng._event_names),
         event_counts=[int(c) for c in eng._event_counts[: len(eng._event_names)]],
         values=[(k[0], k[1]) for k in eng._values],
-        n_users=n, now=int(ks["now"]), str_users=sorted(eng._str_num.items()), next_str=eng._next_str,
+        n_users=n, erased=sorted(eng._erased), now=int(ks["now"]), str_users=sorted(eng._str_num.items()), next_str=eng._next_str,
         stats=dict(eng._stats),
         seen_ids=list(eng._seen_ids.items()),
         traits={k: [_plain(v) for v in col[:n].tolist()] for k, col in eng._traits.cols.items()},
@@ -336,13 +337,19 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
     eng._pub = np.zeros(max(16, n), dtype=np.uint32)
     eng._pub[:n] = pub
     eng._n_users = n
+    erased = set(meta.erased)
+    if any(not 0 <= d < n for d in erased):
+        raise _fail("erased slot out of range")
+    eng._erased = erased
+    alive = np.ones(n, dtype=bool)
+    alive[list(erased)] = False
     eng._str_num = dict(meta.str_users)
     if len(eng._str_num) != len(meta.str_users):
         raise _fail("a user number is given twice")
     eng._str_dense = {}
     is_str = np.zeros(n, dtype=bool)
     for d, num in enumerate(pub.tolist()):
-        s = eng._str_num.get(num)
+        s = eng._str_num.get(num) if alive[d] else None
         if s is not None:
             if s in eng._str_dense:
                 raise _fail("a string id appears twice")
@@ -350,14 +357,15 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
             is_str[d] = True
     if len(eng._str_dense) != len(eng._str_num):
         raise _fail("string ids do not match the user numbers")
-    ints = pub[~is_str]
+    int_slots = ~is_str & alive
+    ints = pub[int_slots]
     if len(np.unique(ints)) != len(ints):
         raise _fail("a user number appears twice")
     eng._int_dense = IdMap(max(16, len(ints)))
     eng._int_dense.insert(np.ascontiguousarray(ints, dtype=np.uint32),
-                          np.flatnonzero(~is_str).astype(np.int64))
+                          np.flatnonzero(int_slots).astype(np.int64))
     eng._next_str = meta.next_str
-    eng._all = BitMap(pub.astype(np.uint32))
+    eng._all = BitMap(pub[alive].astype(np.uint32))
     # events, values, dedup
     counts = np.zeros(max(16, len(meta.event_counts)), dtype=np.int64)
     counts[: len(meta.event_counts)] = meta.event_counts
@@ -407,7 +415,8 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
         except Exception:  # noqa: BLE001 - pyroaring raises various errors on bad input
             raise _fail(f"bitmap of `{name}` is corrupted") from None
         col = plan.names.index(name)
-        want = BitMap(pub[members[:, col] != 0].astype(np.uint32)) if n else BitMap()
+        want = BitMap(pub[(members[:, col] != 0) & alive].astype(np.uint32)) if n else \
+            BitMap()
         if bm != want:
             raise _fail(f"bitmap of `{name}` disagrees with the kernel state")
         eng._bitmaps[name] = bm
