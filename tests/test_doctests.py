@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["segcore", "segcore.engine", "segcore.rules", "segcore.build", "segcore.hashing",
-           "segcore.synth", "segcore.triggers", "segcore.snapshot"]
+           "segcore.synth", "segcore.triggers", "segcore.snapshot", "segcore.wal"]
 
 
 @pytest.mark.parametrize("name", MODULES)

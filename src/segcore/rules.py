@@ -25,7 +25,7 @@ from .errors import RuleError
 
 __all__ = [
     "parse", "to_json", "from_json", "to_text", "parse_duration", "validate", "references",
-    "topo_order", "DURATION_MS", "MAX_TIME_MS",
+    "topo_order", "load_rules_file", "DURATION_MS", "MAX_TIME_MS",
     "Num", "Str", "Dur", "Now", "FirstSeen", "LastSeen", "First", "Last", "Trait", "Score",
     "Prop", "Agg", "Arith", "Compare", "InList", "Between", "StrTest", "Exists", "Seen",
     "InSegment", "Bucket", "Inactive", "Abandoned", "And", "Or", "Not", "Value", "Cond",
@@ -1118,3 +1118,67 @@ def topo_order(deps: dict[str, list[str]]) -> list[str]:
     for name in deps:
         visit(name, [])
     return order
+
+
+def load_rules_file(text: str) -> dict[str, str]:
+    """Segments from a rules file: one ``name: rule`` per line (``#`` starts a comment, blank
+    lines are skipped), or a JSON object ``{"name": "rule", ...}``. Every rule is parsed;
+    errors are RuleErrors with the line and column **in the file**.
+
+    >>> load_rules_file('''
+    ... # the shop's segments
+    ... frequent_buyers: count(purchase, 90d) >= 3
+    ... swedes: trait.country == "SE"   # a trailing comment
+    ... ''')
+    {'frequent_buyers': 'count(purchase, 90d) >= 3', 'swedes': 'trait.country == "SE"'}
+    """
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        try:
+            obj = msgspec.json.decode(text, type=dict[str, str])
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise RuleError(f"invalid rules JSON: {e}") from None
+        for name, rule in obj.items():
+            parse(rule, segment=name, segments=obj)
+        return obj
+    out: dict[str, str] = {}
+    where: dict[str, tuple[int, int]] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        body = _strip_comment(line)
+        if not body.strip():
+            continue
+        name, sep, rule = body.partition(":")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise RuleError("expected `name: rule`", line=lineno, column=1)
+        if name in out:
+            raise RuleError(f"segment `{name}` is defined twice", segment=name, line=lineno,
+                            column=1)
+        col = body.index(":") + 1 + (len(rule) - len(rule.lstrip())) + 1
+        out[name] = rule.strip()
+        where[name] = (lineno, col)
+    for name, rule in out.items():
+        try:
+            parse(rule, segment=name, segments=out)
+        except RuleError as e:
+            line, col = where[name]
+            raise RuleError(e.reason, segment=name, line=line,
+                            column=col + (e.column or 1) - 1) from None
+    return out
+
+
+def _strip_comment(line: str) -> str:
+    """The line without a trailing ``# comment`` (a ``#`` inside a string literal stays)."""
+    in_str = False
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and in_str:
+            i += 2
+            continue
+        if c == '"':
+            in_str = not in_str
+        elif c == "#" and not in_str:
+            return line[:i]
+        i += 1
+    return line

@@ -11,6 +11,17 @@ cut short by a crash (the torn tail) fails its length or checksum and is dropped
 after it. With ``fsync="always"`` the record is on disk (``os.fsync``) before the call returns, so
 a process killed at any moment loses no acknowledged call; ``"batch"`` syncs at most every 100 ms
 and at checkpoints, ``"never"`` leaves it to the operating system.
+
+>>> import os, tempfile, segcore
+>>> d = os.path.join(tempfile.mkdtemp(), "data")
+>>> eng = segcore.Engine(wal=d)
+>>> _ = eng.add_segment("buyers", "did(purchase)")
+>>> _ = eng.track(42, "purchase", ts=1)
+>>> eng.close()                                  # (or the process dies: nothing acked is lost)
+>>> [c.method for c in read_records(os.path.join(d, "wal-0.log"))[0]]
+['add_segments', 'track']
+>>> sorted(segcore.Engine.open(d).members("buyers"))
+[42]
 """
 
 from __future__ import annotations
