@@ -354,16 +354,23 @@ def _read_rules(path: str) -> dict[str, str]:
         return load_rules_file(f.read())
 
 
-def _rules_check(args: argparse.Namespace) -> int:
+def _load_rules(path: str) -> tuple[dict[str, str] | None, int]:
+    """The rules of a file, or None and the exit status after reporting why not."""
     from .errors import RuleError
     try:
-        rules = _read_rules(args.file)
+        return _read_rules(path), 0
     except OSError as e:
-        print(f"segcore: cannot read {args.file}: {e.strerror}", file=sys.stderr)
-        return 2
+        print(f"segcore: cannot read {path}: {e.strerror}", file=sys.stderr)
+        return None, 2
     except RuleError as e:
-        print(f"{args.file}:{e.line or 1}:{e.column or 1}: {e}", file=sys.stderr)
-        return 1
+        print(f"{path}:{e.line or 1}:{e.column or 1}: {e}", file=sys.stderr)
+        return None, 1
+
+
+def _rules_check(args: argparse.Namespace) -> int:
+    rules, status = _load_rules(args.file)
+    if rules is None:
+        return status
     print(f"{args.file}: {len(rules)} segment{'s' if len(rules) != 1 else ''}, all valid")
     return 0
 
@@ -393,15 +400,10 @@ def _progress(total: int, unit: str):
 
 def _replay(args: argparse.Namespace) -> int:
     import segcore
-    from .errors import EventError, RuleError
-    try:
-        rules = _read_rules(args.rules)
-    except OSError as e:
-        print(f"segcore: cannot read {args.rules}: {e.strerror}", file=sys.stderr)
-        return 2
-    except RuleError as e:
-        print(f"{args.rules}:{e.line or 1}:{e.column or 1}: {e}", file=sys.stderr)
-        return 1
+    from .errors import EventError
+    rules, status = _load_rules(args.rules)
+    if rules is None:
+        return status
     eng = segcore.Engine()
     eng.add_segments(rules)
     try:

@@ -103,23 +103,12 @@ cdef enum:
     DEF_PREFETCH = 8
 
 
-cdef inline bint cmp_d(int op, double a, double b) noexcept nogil:
-    if op == OP_EQ:
-        return a == b
-    if op == OP_NE:
-        return a != b
-    if op == OP_LT:
-        return a < b
-    if op == OP_LE:
-        return a <= b
-    if op == OP_GT:
-        return a > b
-    if op == OP_GE:
-        return a >= b
-    return False
+ctypedef fused num_t:
+    double
+    int64_t
 
 
-cdef inline bint cmp_i(int op, int64_t a, int64_t b) noexcept nogil:
+cdef inline bint cmp_v(int op, num_t a, num_t b) noexcept nogil:
     if op == OP_EQ:
         return a == b
     if op == OP_NE:
@@ -888,7 +877,7 @@ cdef class Kernel:
                 l = <double>self._topk_count(u, f, t)
             else:
                 self._value(u, f, FN_COUNT, t, &l)
-            return cmp_d(self.a_op[a], l, self.a_k[a])
+            return cmp_v(self.a_op[a], l, self.a_k[a])
         if kind == A_NUM:
             if not self._num_side(u, self.a_t0[a], self.a_t1[a], t, &l):
                 return False
@@ -896,11 +885,11 @@ cdef class Kernel:
                 return True
             if not self._num_side(u, self.a_t2[a], self.a_t3[a], t, &r):
                 return False
-            return cmp_d(self.a_op[a], l, r)
+            return cmp_v(self.a_op[a], l, r)
         if kind == A_TIME:
             if not self._time_lin(u, a, &A):
                 return False
-            return cmp_i(self.a_op[a], A + self.a_s[a] * t, 0)
+            return cmp_v(self.a_op[a], A + self.a_s[a] * t, <int64_t>0)
         if kind == A_TRAIT:
             return self.tbits[<int64_t>u * max(self.n_trait, 1) + f] != 0
         if kind == A_BUCKET:
