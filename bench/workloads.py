@@ -11,10 +11,16 @@ from segcore.synth import DEFAULT_SEGMENTS
 REF_EVENTS = 3_000
 
 
-def new_engine(w, engine_cls=segcore.Engine):
+def new_engine(w, engine_cls=segcore.Engine, only_active=False):
+    """An engine with the default segments and the workload's traits (for every user, or with
+    ``only_active`` just for the users who appear in ``w``)."""
     eng = engine_cls()
     eng.add_segments(DEFAULT_SEGMENTS)
-    eng.set_traits_many(user=w.trait_user, **w.traits)
+    users, traits = w.trait_user, w.traits
+    if only_active:
+        keep = np.isin(users, np.unique(w.user))
+        users, traits = users[keep], {k: v[keep] for k, v in traits.items()}
+    eng.set_traits_many(user=users, **traits)
     return eng
 
 

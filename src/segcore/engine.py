@@ -23,6 +23,7 @@ import logging
 import os
 import math
 import re
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
@@ -65,7 +66,10 @@ def _plain(x):
 
 
 def _logged(method):
-    """Append a successful top-level call to the write-ahead log before it returns."""
+    """Append a successful top-level call to the write-ahead log before it returns.
+
+    Installed per instance, and only on engines with a log (:meth:`Engine._install_log`),
+    so that an engine without one pays nothing on its hot paths."""
     name = method.__name__
 
     @functools.wraps(method)
@@ -679,7 +683,6 @@ class Engine:
         """
         return self.add_segments({name: rule})
 
-    @_logged
     def add_segments(self, segments: Mapping[str, Any]) -> Transitions:
         """Define several segments at once; they may reference each other in any order."""
         if not isinstance(segments, Mapping):
@@ -722,7 +725,6 @@ class Engine:
                                 segment=name)
         return node, R.to_text(node)
 
-    @_logged
     def remove_segment(self, name: str) -> None:
         """Remove a segment (its members, bitmap and callbacks go with it)."""
         self._require_segment(name)
@@ -823,7 +825,6 @@ class Engine:
         raise EventError(f"{what} `{key}` must be a string, number, bool or None, got "
                          f"{type(v).__name__}", index=index, field=f"{what}s.{key}")
 
-    @_logged
     def set_traits(self, user: UserId, traits: Mapping[str, Any]) -> list[Transition]:
         """Set (or with ``None``, delete) traits of a user; returns the transitions caused.
 
@@ -853,7 +854,6 @@ class Engine:
         self._kernel.eval_users(np.array([d], dtype=np.uint32))
         return list(self._drain([]))
 
-    @_logged
     def set_traits_many(self, user, **traits) -> Transitions:
         """Set traits for many users: ``set_traits_many(user=ids, country=codes, ...)``.
 
@@ -889,7 +889,6 @@ class Engine:
         self._kernel.eval_users(order.astype(np.uint32))
         return self._drain([])
 
-    @_logged
     def set_scores(self, user: UserId, scores: Mapping[str, Any]) -> list[Transition]:
         """Set (or with ``None``, delete) numeric scores used as ``score.NAME`` in rules."""
         clock_ms = self._read_clock()
@@ -944,7 +943,6 @@ class Engine:
             raise SegcoreError(f"clock() must return seconds as a number, got {t!r}") from None
         return min(max(ms, 0), _MAX_TS - 1)
 
-    @_logged
     def advance(self, ts) -> Transitions:
         """Move time forward to ``ts`` (ms or datetime); returns the transitions time caused,
         each at the exact instant its rule flipped. Earlier times are a no-op."""
@@ -954,7 +952,6 @@ class Engine:
         return self._drain([])
 
     # ------------------------------------------------------------------ events
-    @_logged
     def track(self, user: UserId, event: str, ts=None, props: Mapping[str, Any] | None = None,
               id=None) -> list[Transition]:
         """Track one event; returns the transitions it (and the time it moved) caused.
@@ -1047,7 +1044,6 @@ class Engine:
             self._seen_ids = {k: v for k, v in seen.items() if v >= cut}
             self._ids_pruned_at = len(self._seen_ids)
 
-    @_logged
     def track_many(self, user, event, ts, props: Mapping[str, Any] | None = None,
                    id=None) -> Transitions:
         """Track a batch of events given as columns; exactly like tracking them one by one.
@@ -1084,7 +1080,6 @@ class Engine:
         ids = None if id is None else _as_column(id, n, "id")
         return self._ingest(users, events, tss, cols, ids)
 
-    @_logged
     def track_json(self, data: bytes | str) -> Transitions:
         """Track a JSON array of ``{"user", "event", "ts", "props"?, "id"?}`` objects
         (``ts`` in ms or ISO 8601); same contract as :meth:`track_many`."""
@@ -1510,14 +1505,12 @@ class Engine:
             raise SegcoreError(f"log names an unknown journey `{journey}`")
         Journey(self, spec).step(after_ms, only_if=only_if, channel=channel)
 
-    @_logged
     def cap(self, channel: str, max_per) -> None:
         """Cap firings per user on a channel across all triggers and journey steps, e.g.
         ``eng.cap("email", max_per=(2, "1d"))``; firings over it are reported suppressed
         (``suppressed_by="cap:email"``). The cap counts firings delivered after it was set."""
         self._policies.caps[check_name(channel, "channel")] = parse_max_per(max_per)
 
-    @_logged
     def journey(self, name: str, entry: str, exit_on=None) -> Journey:
         """Start a journey: users enter it when they enter ``entry`` and leave it when they
         leave ``entry`` or enter a segment of ``exit_on``; add steps with ``.step(...)``."""
@@ -1690,6 +1683,10 @@ class Engine:
         return True
 
     # ------------------------------------------------------------------ durability
+    def _install_log(self) -> None:
+        for name in _LOGGED:
+            setattr(self, name, types.MethodType(_logged(getattr(type(self), name)), self))
+
     def _start_wal(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         _wal.check_dir_empty_of_state(directory)
@@ -1699,6 +1696,7 @@ class Engine:
         from . import snapshot
         snapshot.write(self, snap)
         self._log = _wal.Log(log, self._fsync, truncate_at=0)
+        self._install_log()
         _wal.fsync_dir(directory)
 
     @classmethod
@@ -1741,6 +1739,7 @@ class Engine:
         eng._wal_dir = directory
         eng._wal_seq = n
         eng._log = _wal.Log(log, fsync, truncate_at=end)
+        eng._install_log()
         return eng
 
     def _attach_callbacks(self, callbacks: Mapping[str, Callable]) -> None:
