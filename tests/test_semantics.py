@@ -561,3 +561,25 @@ def test_forget_erases_the_user_everywhere(make_engine):
     assert eng.track("ann", "x", ts=3 * H) == [T("ann", "recent", True, 3 * H)]
     assert eng.user_number("ann") != number
     assert eng.segments_of("ann") == ["recent"]
+
+
+def test_replace_segment_reports_the_changes(make_engine):
+    eng = make_engine()
+    eng.add_segments({"big": "sum(purchase.amount) >= 100", "vip": "in(big) and seen"})
+    got = []
+    eng.on_exit("vip", got.append)
+    eng.track(1, "purchase", ts=5, props={"amount": 60})
+    eng.track(2, "purchase", ts=6, props={"amount": 150})
+    assert list(eng.replace_segment("big", "sum(purchase.amount) >= 50")) == [
+        T(1, "big", True, 6), T(1, "vip", True, 6)]
+    out = eng.replace_segment("big", "sum(purchase.amount) >= 200")
+    assert list(out) == [T(1, "big", False, 6), T(1, "vip", False, 6),
+                         T(2, "big", False, 6), T(2, "vip", False, 6)]
+    assert [(f.user, f.ts) for f in got] == [(1, 6), (2, 6)]     # triggers stay registered
+    assert eng.segments["big"] == "sum(purchase.amount) >= 200"
+    assert list(eng.segments) == ["big", "vip"]
+    with pytest.raises(RuleError, match="cycle"):
+        eng.replace_segment("big", "in(vip)")
+    with pytest.raises(RuleError, match="unknown segment `bigg`"):
+        eng.replace_segment("bigg", "seen")
+    assert eng.segments["big"] == "sum(purchase.amount) >= 200" and eng.size("big") == 0

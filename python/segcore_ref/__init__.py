@@ -827,6 +827,25 @@ class RefEngine:
             user.memb = cur
         return self._finish(out)
 
+    def replace_segment(self, name: str, rule) -> TransitionList:
+        """Give segment ``name`` a new rule; returns the transitions of the users whose
+        membership changes (``ts = now``, in user order, then segment evaluation order —
+        segments referencing it may flip too)."""
+        clock_ms = self._clock_ms()
+        self._segment(name)
+        ast, text = self._compile(name, rule, list(self._ast))
+        refs = dict(self._refs)
+        refs[name] = R.references(ast)
+        R.topo_order(refs)                      # raises RuleError naming a cycle
+        out = self._sync(clock_ms)
+        self._ast[name] = ast
+        self._text[name] = text
+        self._refs[name] = refs[name]
+        self._rebuild()
+        for user in self._users.values():      # users in order; triggers see the flips
+            out.extend(self._reevaluate(user))
+        return self._finish(out)
+
     def remove_segment(self, name: str) -> None:
         """Remove a segment (not allowed while another segment references it with ``in()``)."""
         clock_ms = self._clock_ms()

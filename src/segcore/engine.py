@@ -725,6 +725,27 @@ class Engine:
                                 segment=name)
         return node, R.to_text(node)
 
+    def replace_segment(self, name: str, rule) -> Transitions:
+        """Give a segment a new rule while events flow; returns the transitions of the users
+        whose membership changes (``ts = now``; segments referencing it may flip too).
+        Triggers and journeys on the segment stay registered. Back-filled like
+        :meth:`add_segment`: a rule needing history that is not kept raises RuleError.
+
+        >>> eng = Engine()
+        >>> _ = eng.add_segment("big", "sum(purchase.amount) >= 100")
+        >>> _ = eng.track(1, "purchase", ts=5, props={"amount": 60})
+        >>> eng.replace_segment("big", "sum(purchase.amount) >= 50").to_list()
+        [Transition(user=1, segment='big', entered=True, ts=5)]
+        """
+        clock_ms = self._read_clock()
+        self._require_segment(name)
+        ast, text = self._to_ast(name, rule, set(self._asts))
+        asts = dict(self._asts)
+        texts = dict(self._texts)
+        asts[name] = ast
+        texts[name] = text
+        return self._replan(asts, texts, [name], clock_ms, replaced=name)
+
     def remove_segment(self, name: str) -> None:
         """Remove a segment (its members, bitmap and callbacks go with it)."""
         self._require_segment(name)
@@ -743,7 +764,7 @@ class Engine:
         self._bitmaps.pop(name, None)
 
     def _replan(self, asts: dict, texts: dict, new_names: list, clock_ms, items=None,
-                hidden=None) -> Transitions:
+                hidden=None, replaced: str | None = None) -> Transitions:
         items = self._items if items is None else items
         hidden = self._hidden if hidden is None else hidden
         try:
@@ -787,7 +808,8 @@ class Engine:
         self._hidden = dict(hidden)
         self._push_all_profiles()
         for n in new_names:
-            self._bitmaps[n] = BitMap()
+            if n != replaced:
+                self._bitmaps[n] = BitMap()
         kernel.eval_all()
         return self._drain([before] if len(before) else [], fired)
 
@@ -1811,7 +1833,7 @@ class Engine:
                 f"now={self.now}>")
 
 
-_LOGGED = {"add_segments", "remove_segment", "set_traits", "set_traits_many", "set_scores",
+_LOGGED = {"add_segments", "replace_segment", "remove_segment", "set_traits", "set_traits_many", "set_scores",
            "advance", "track", "track_many", "track_json", "cap", "journey"}
 
 

@@ -219,7 +219,7 @@ def _unescape(body: str, text: str, pos: int, segment: str | None) -> str:
         if c == "\\":
             nxt = body[i + 1]
             if nxt == "u":
-                # JSON's \uXXXX, which to_text emits for control characters.
+                # JSON's \u escape (four hex digits), which to_text emits for control characters.
                 hexd = body[i + 2:i + 6]
                 if not re.fullmatch(r"[0-9a-fA-F]{4}", hexd):
                     raise _err("`\\u` needs four hex digits", text, pos + 1 + i, segment)
