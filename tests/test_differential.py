@@ -82,6 +82,8 @@ ops = st.one_of(
                   "age": st.sampled_from([17, 18, 25, 30, 31, None])})),
     st.tuples(st.just("scores"), st.sampled_from(HOT_USERS),
               st.fixed_dictionaries({"churn": st.sampled_from([0.1, 0.5, 0.9, 2.5, None])})),
+    st.tuples(st.just("alias"), st.sampled_from(HOT_USERS), st.sampled_from(USERS + ["cy"])),
+    st.tuples(st.just("forget"), st.sampled_from(USERS)),
 )
 
 
@@ -124,6 +126,14 @@ def _run(engines, op, state):
             outs.append(eng.advance(state["now"] + op[1]))
         elif kind == "traits":
             outs.append(eng.set_traits(op[1], op[2]))
+        elif kind == "alias":
+            if op[1] == op[2]:
+                outs.append([])
+                continue
+            outs.append(eng.alias(op[1], op[2]))
+        elif kind == "forget":
+            eng.forget(op[1])
+            outs.append([])
         else:
             outs.append(eng.set_scores(op[1], op[2]))
     return outs

@@ -583,3 +583,25 @@ def test_replace_segment_reports_the_changes(make_engine):
     with pytest.raises(RuleError, match="unknown segment `bigg`"):
         eng.replace_segment("bigg", "seen")
     assert eng.segments["big"] == "sum(purchase.amount) >= 200" and eng.size("big") == 0
+
+
+def test_alias_merges_profiles(make_engine):
+    eng = make_engine()
+    eng.add_segments({"two": "count(purchase, 1h) >= 2", "spend": "sum(purchase.amount) >= 30",
+                      "carts": "abandoned(cart, purchase, 1h)", "se": 'trait.country == "SE"',
+                      "first": "first_seen <= 1"})
+    eng.track("dev-1", "purchase", ts=1, props={"amount": 20})
+    eng.track("dev-1", "cart", ts=5)
+    eng.set_traits("dev-1", {"country": "SE", "tier": "gold"})
+    eng.track(42, "purchase", ts=10, props={"amount": 15})
+    eng.set_traits(42, {"tier": "silver"})
+    out = eng.alias(42, "dev-1")
+    assert list(out) == [T(42, "two", True, 10), T(42, "spend", True, 10),
+                         T(42, "se", True, 10), T(42, "first", True, 10)]
+    assert eng.segments_of("dev-1") == [] and eng.stats()["users"] == 1
+    # the merged profile behaves as if 42 had sent everything: the cart (5) is older than the
+    # latest purchase (10), so no abandonment; one window expiry at 1 + 1h
+    assert list(eng.advance(2 * H)) == [T(42, "two", False, 1 + H)]
+    with pytest.raises(EventError):
+        eng.alias(42, 42)
+    assert list(eng.alias(42, "nobody")) == []

@@ -1147,6 +1147,37 @@ class RefEngine:
         self._finish(out)
         return rec is not None
 
+    def alias(self, new, old) -> TransitionList:
+        """Merge profile ``old`` into ``new``: every event of ``old`` becomes ``new``'s (in
+        arrival order), traits and scores merge (``new``'s values win), ``old`` is forgotten,
+        and ``new`` is re-evaluated at now. Returns ``new``'s transitions."""
+        clock_ms = self._clock_ms()
+        n, o = _check_user(new, None), _check_user(old, None)
+        if type(n) is type(o) and n == o:
+            raise EventError("alias needs two different users", field="user")
+        plan = self._plan_numbers()
+        self._number(plan, n, None)
+        out = self._sync(clock_ms)
+        ro = self._lookup(o)
+        if ro is None:
+            return self._finish(out)
+        self._commit_numbers(plan)
+        rn = self._user(n, self._number(plan, n, None))
+        rn.events = sorted(rn.events + ro.events, key=lambda e: e.arrival)
+        rn.by_type = {}
+        for e in rn.events:
+            rn.by_type.setdefault(e.type, []).append(e)
+        rn.traits = {**ro.traits, **rn.traits}
+        rn.scores = {**ro.scores, **rn.scores}
+        rn.cand_key = rn.due_key = None
+        del self._users[ro.number]
+        if isinstance(o, str):
+            del self._str_numbers[o]
+            del self._number_str[ro.number]
+        self._queue = collections.deque(f for f in self._queue if f.user != o)
+        out.extend(self._reevaluate(rn))
+        return self._finish(out)
+
     # ================================================================== reads
     def _read(self) -> None:
         clock_ms = self._clock_ms()

@@ -1222,6 +1222,109 @@ cdef class Kernel:
             for j in range(ns):
                 self.scores[<int64_t>uidx[i] * ns + j] = values[i * ns + j]
 
+    def merge_into(self, uint32_t dst, uint32_t src):
+        """Fold user ``src``'s feature state into ``dst`` as if ``dst`` had received all of
+        ``src``'s events (the caller then forgets ``src`` and re-evaluates ``dst``).
+
+        Exact for counts, windows, first/last timestamps, distinct sets and carts; an all-time
+        float sum becomes the sum of the two sums."""
+        cdef int f, kind, k, i, j, a, b
+        cdef int64_t* d
+        cdef int64_t* s
+        cdef double* fd
+        cdef double* fs
+        cdef vector[Entry]* vd
+        cdef vector[Entry]* vs
+        cdef vector[int64_t] slots
+        cdef size_t x, y
+        cdef bint found
+        if dst >= self.n_users or src >= self.n_users or dst == src:
+            raise ValueError("merge_into: bad user indices")
+        for f in range(self.n_feat):
+            kind = self.f_kind[f]
+            d = self.istate + <int64_t>dst * self.istride + self.f_ioff[f]
+            s = self.istate + <int64_t>src * self.istride + self.f_ioff[f]
+            fd = self.fstate + <int64_t>dst * self.fstride + self.f_foff[f]
+            fs = self.fstate + <int64_t>src * self.fstride + self.f_foff[f]
+            if kind == K_TOPK:
+                # the K latest of both (slots sorted descending)
+                k = self.f_k[f]
+                slots.clear()
+                a = 0
+                b = 0
+                while <int>slots.size() < k:
+                    if a < k and (b >= k or d[a] >= s[b]):
+                        slots.push_back(d[a])
+                        a += 1
+                    else:
+                        slots.push_back(s[b])
+                        b += 1
+                for i in range(k):
+                    d[i] = slots[i]
+            elif kind == K_COUNT:
+                d[0] += s[0]
+            elif kind == K_SUM:
+                fd[0] += fs[0]
+            elif kind == K_STATS:
+                if s[0]:
+                    if d[0] == 0:
+                        fd[1] = fs[1]
+                        fd[2] = fs[2]
+                    else:
+                        if fs[1] < fd[1]:
+                            fd[1] = fs[1]
+                        if fs[2] > fd[2]:
+                            fd[2] = fs[2]
+                    d[0] += s[0]
+                    fd[0] += fs[0]
+            elif kind == K_FIRST:
+                if s[0] < d[0]:
+                    d[0] = s[0]
+            elif kind == K_LAST:
+                if s[0] > d[0]:
+                    d[0] = s[0]
+            elif kind == K_ABANDON:
+                if s[0] > d[0]:
+                    d[0] = s[0]
+                if s[1] > d[1]:
+                    d[1] = s[1]
+            elif kind == K_WLIST:
+                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
+                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
+                for x in range(vs.size()):          # keep (ts) order; src after dst on ties
+                    y = vd.size()
+                    while y > 0 and vd[0][y - 1].ts > vs[0][x].ts:
+                        y -= 1
+                    vd.insert(vd.begin() + y, vs[0][x])
+            elif kind == K_DISTINCT:
+                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
+                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
+                for x in range(vs.size()):
+                    found = False
+                    y = 0
+                    while y < vd.size() and vd[0][y].key <= vs[0][x].key:
+                        if vd[0][y].key == vs[0][x].key:
+                            found = True
+                            break
+                        y += 1
+                    if not found:
+                        vd.insert(vd.begin() + y, vs[0][x])
+            elif kind == K_ABANDON_BY:
+                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
+                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
+                for x in range(vs.size()):
+                    found = False
+                    for y in range(vd.size()):
+                        if vd[0][y].key == vs[0][x].key:
+                            if vs[0][x].ts > vd[0][y].ts:
+                                vd[0][y].ts = vs[0][x].ts
+                            if vs[0][x].aux > vd[0][y].aux:
+                                vd[0][y].aux = vs[0][x].aux
+                            found = True
+                            break
+                    if not found:
+                        vd.push_back(vs[0][x])
+
     def forget(self, uint32_t u):
         """Erase user u's state: counters, windows, memberships, traits, scores, timers,
         pending firings. The slot stays allocated but holds nothing of the user."""

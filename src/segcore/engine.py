@@ -1679,6 +1679,50 @@ class Engine:
         self._drain([])
         if d is None:
             return False
+        self._erase(user, d)
+        if self._log is not None and not self._replaying:
+            self.checkpoint()
+        return True
+
+    def alias(self, new: UserId, old: UserId) -> list[Transition]:
+        """Merge profile ``old`` into ``new`` (identity resolution): ``new`` gets ``old``'s
+        counters, windows, timestamps, carts and distinct values as if it had sent all of
+        ``old``'s events, and ``old``'s traits and scores where it has none of its own;
+        ``old`` is then forgotten and ``new`` re-evaluated at now. Returns ``new``'s
+        transitions. An all-time float sum becomes the sum of the two sums (exact for integer
+        amounts; otherwise its rounding may differ from summing in arrival order).
+
+        >>> eng = Engine()
+        >>> _ = eng.add_segment("frequent", "count(purchase, 30d) >= 2")
+        >>> _ = eng.track("device-9f", "purchase", ts=1)
+        >>> _ = eng.track(42, "purchase", ts=2)
+        >>> eng.alias(42, "device-9f")
+        [Transition(user=42, segment='frequent', entered=True, ts=2)]
+        """
+        clock_ms = self._read_clock()
+        new, old = self._check_user(new), self._check_user(old)
+        if type(new) is type(old) and new == old:
+            raise EventError("alias needs two different users", field="user")
+        do = self._dense_of(old)
+        self._catch_up(clock_ms)
+        if do is None:
+            return list(self._drain([]))
+        if self._dense_of(new) is None:
+            self._create_users([new])
+        dn = self._dense_of(new)
+        self._kernel.merge_into(dn, do)
+        for col in self._traits.cols.values():
+            if col[dn] is None:
+                col[dn] = col[do]
+        if do in self._scores:
+            self._scores[dn] = {**self._scores[do], **self._scores.get(dn, {})}
+        self._erase(old, do)
+        self._push_profiles([dn])
+        self._kernel.eval_users(np.array([dn], dtype=np.uint32))
+        return list(self._drain([]))
+
+    def _erase(self, user: UserId, d: int) -> None:
+        """Remove user ``user`` (dense slot ``d``) from every structure."""
         num = int(self._pub[d])
         self._kernel.forget(d)
         if isinstance(user, str):
@@ -1700,9 +1744,6 @@ class Engine:
         pol.hist = {k: v for k, v in pol.hist.items() if k[1] != d}
         pol.chan = {k: v for k, v in pol.chan.items() if k[1] != d}
         self._queue = deque(f for f in self._queue if f.user != user)
-        if self._log is not None and not self._replaying:
-            self.checkpoint()
-        return True
 
     # ------------------------------------------------------------------ durability
     def _install_log(self) -> None:
@@ -1833,7 +1874,7 @@ class Engine:
                 f"now={self.now}>")
 
 
-_LOGGED = {"add_segments", "replace_segment", "remove_segment", "set_traits", "set_traits_many", "set_scores",
+_LOGGED = {"add_segments", "replace_segment", "alias", "remove_segment", "set_traits", "set_traits_many", "set_scores",
            "advance", "track", "track_many", "track_json", "cap", "journey"}
 
 
