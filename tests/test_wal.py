@@ -218,3 +218,23 @@ def test_forgotten_user_leaves_no_trace_in_files_written_afterwards(tmp_path):
     back = segcore.Engine.open(d)
     assert sorted(back.members("buyers")) == [2, 3, 4]
     assert back.segments_of(secret) == []
+
+
+def test_preview_is_a_dry_run_over_the_log(tmp_path):
+    eng = segcore.Engine(wal=tmp_path / "d")
+    eng.add_segment("buyers", "count(purchase, 1h) >= 2")
+    for i, u in enumerate([1, 1, 2, 2, 2, 3]):
+        eng.track(u, "purchase", ts=i * 60_000)
+    eng.advance(3 * H)
+    before = (eng.sizes(), eng.stats()["transitions"], eng.now)
+    # a looser threshold: users 1, 2 and 3 would have entered, and all left after an hour
+    got = eng.preview("buyers", "count(purchase, 1h) >= 1")
+    assert got == {"size": 0, "entered": 3, "exited": 3, "from": 0, "now": 3 * H}
+    # a new segment, counting only what happened from 4 minutes on: user 3 enters at 5 min;
+    # users 1, 2 and 3 leave an hour after their last purchases
+    got = eng.preview("late", "count(purchase, 1h) >= 1", since=4 * 60_000)
+    assert (got["entered"], got["exited"]) == (1, 3)
+    assert (eng.sizes(), eng.stats()["transitions"], eng.now) == before
+    assert list(eng.segments) == ["buyers"]
+    with pytest.raises(SegcoreError, match="data directory"):
+        segcore.Engine().preview("x", "seen")

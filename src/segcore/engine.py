@@ -1819,6 +1819,53 @@ class Engine:
             raise SegcoreError("callbacks for unknown triggers: "
                                + ", ".join(f"`{k}`" for k in sorted(left)))
 
+    def preview(self, name: str, rule, since=None) -> dict:
+        """Dry run of a rule change: what segment ``name`` would have done with ``rule``.
+
+        Restores the latest snapshot of the data directory into a scratch engine, gives it the
+        candidate rule, replays the write-ahead log after the snapshot, and reports
+        ``{"size", "entered", "exited", "from", "now"}``: the members it would have now, and
+        the entries and exits with ``ts >= since`` (default: everything replayed). Nothing
+        changes in this engine. The replay starts at the last checkpoint (``"from"``, its
+        time): history before it is not kept, and a rule needing raw history the snapshot does
+        not keep raises RuleError, as :meth:`add_segment` does.
+        """
+        if self._wal_dir is None:
+            raise SegcoreError("preview() replays the write-ahead log: use an engine with a "
+                               "data directory (Engine(wal=dir) or Engine.open(dir))")
+        from . import snapshot
+        snap, log = _wal.paths(self._wal_dir, self._wal_seq)
+        self._log._f.flush()
+        scratch = snapshot.read(snap)
+        start = scratch.now
+        cand = "_segcore_preview"
+        if name in scratch._asts:
+            first = scratch.replace_segment(name, rule)
+            cand = name
+        else:
+            first = scratch.add_segment(cand, rule)
+        since_ms = start if since is None else _to_ms(since, "since")
+        seen = list(first)
+        scratch._replaying = True
+        try:
+            for call in _wal.read_records(log)[0]:
+                scratch._replay_clock = call.clock_ms
+                if call.method in ("add_segments", "replace_segment", "remove_segment") and (
+                        cand in (call.args[0] if call.args else ())
+                        if call.method == "add_segments" else
+                        (call.args and call.args[0] == cand)):
+                    continue           # the candidate stands in for the logged definition
+                out = getattr(scratch, call.method)(*call.args, **call.kwargs)
+                if isinstance(out, (Transitions, list)):
+                    seen.extend(out)
+        finally:
+            scratch._replaying = False
+        seen = [t for t in seen if isinstance(t, Transition) and t.segment == cand]
+        return {"size": scratch.size(cand),
+                "entered": sum(1 for t in seen if t.entered and t.ts >= since_ms),
+                "exited": sum(1 for t in seen if not t.entered and t.ts >= since_ms),
+                "from": start, "now": scratch.now}
+
     def checkpoint(self) -> None:
         """Write a snapshot of the current state and start a new, empty log (the older
         snapshot and log are deleted once the new ones are durable)."""
