@@ -238,3 +238,37 @@ def test_preview_is_a_dry_run_over_the_log(tmp_path):
     assert list(eng.segments) == ["buyers"]
     with pytest.raises(SegcoreError, match="data directory"):
         segcore.Engine().preview("x", "seen")
+
+
+def test_new_rules_are_back_filled_by_replaying_the_log(tmp_path):
+    live = segcore.Engine(wal=tmp_path / "d")
+    plain = segcore.Engine()
+    for e in (live, plain):
+        e.add_segment("fb", "count(purchase, 90d) >= 3")
+        e.journey("j", entry="fb").step(after="1h")
+    rows = [(u, ev, t) for t, (u, ev) in enumerate(
+        [(1, "purchase"), (1, "purchase"), (2, "purchase"), (1, "cart"), (2, "purchase"),
+         (3, "page"), (1, "purchase"), (2, "cart")])]
+    for u, ev, t in rows:
+        live.track(u, ev, ts=t * 60_000, props={"amount": 10 * (t + 1)})
+    # needs the purchases' amounts and a window the kernel does not keep: replayed from the log
+    got = live.add_segment("spend", "sum(purchase.amount, 30d) >= 50")
+    for e in (plain,):
+        e.add_segment("spend", "sum(purchase.amount, 30d) >= 50")
+        for u, ev, t in rows:
+            e.track(u, ev, ts=t * 60_000, props={"amount": 10 * (t + 1)})
+    assert sorted(live.members("spend")) == sorted(plain.members("spend")) == [1, 2]
+    assert [(t.user, t.entered) for t in got] == [(1, True), (2, True)]
+    # replace a rule with one needing history: the same
+    live.replace_segment("fb", "count(purchase, 90d) >= 5 or did(cart, 1d)")
+    assert sorted(live.members("fb")) == [1, 2]
+    # ...and both stay exact from here on
+    live.advance(2 * 86_400_000)
+    assert sorted(live.members("fb")) == []
+    # after a checkpoint, history from before it is gone: refused with a clear error
+    live.checkpoint()
+    with pytest.raises(segcore.RuleError, match="before the last checkpoint"):
+        live.add_segment("views", "did(page, 30d)")
+    # without a log: refused, pointing at the write-ahead log
+    with pytest.raises(segcore.RuleError, match="keep a write-ahead log"):
+        plain.add_segment("views", "did(page, 30d)")

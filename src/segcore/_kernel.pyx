@@ -1222,6 +1222,34 @@ cdef class Kernel:
             for j in range(ns):
                 self.scores[<int64_t>uidx[i] * ns + j] = values[i * ns + j]
 
+    def copy_features_from(self, Kernel src not None, const int32_t[::1] dst_f not None,
+                           const int32_t[::1] src_f not None):
+        """Copy the per-user state of features ``src_f`` of ``src`` into features ``dst_f`` of
+        this kernel, for every user (same users, same dense order; same feature specs)."""
+        cdef int64_t u, j
+        cdef Py_ssize_t i
+        cdef int f, g
+        if dst_f.shape[0] != src_f.shape[0] or src.n_users != self.n_users:
+            raise ValueError("copy_features_from: mismatched features or users")
+        for i in range(dst_f.shape[0]):
+            f, g = dst_f[i], src_f[i]
+            if not (0 <= f < self.n_feat and 0 <= g < src.n_feat) or \
+                    self.f_kind[f] != src.f_kind[g] or \
+                    (self.f_kind[f] == K_TOPK and src.f_k[g] < self.f_k[f]):
+                raise ValueError("copy_features_from: incompatible features")
+        for i in range(dst_f.shape[0]):
+            f, g = dst_f[i], src_f[i]
+            for u in range(self.n_users):
+                for j in range(self._isize(f)):
+                    self.istate[u * self.istride + self.f_ioff[f] + j] = \
+                        src.istate[u * src.istride + src.f_ioff[g] + j]
+                for j in range(self._fsize(f)):
+                    self.fstate[u * self.fstride + self.f_foff[f] + j] = \
+                        src.fstate[u * src.fstride + src.f_foff[g] + j]
+                if self.f_var[f] >= 0:
+                    self.pools[<size_t>u * self.n_var + self.f_var[f]] = \
+                        src.pools[<size_t>u * src.n_var + src.f_var[g]]
+
     def merge_into(self, uint32_t dst, uint32_t src):
         """Fold user ``src``'s feature state into ``dst`` as if ``dst`` had received all of
         ``src``'s events (the caller then forgets ``src`` and re-evaluates ``dst``).

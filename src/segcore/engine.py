@@ -776,6 +776,9 @@ class Engine:
             raise
         old = self._plan
         fmap = feature_map(plan, old)
+        # Features that start empty are exact only if no event they read was accepted yet;
+        # otherwise they are back-filled by replaying the write-ahead log, where there is one.
+        missing = []
         for f, spec in enumerate(plan.features):
             if fmap[f] >= 0:
                 continue
@@ -783,13 +786,11 @@ class Engine:
                 seen = (self._stats["events"] if ev is None
                         else (int(self._event_counts[self._codes[ev]])))
                 if seen:
-                    what = "events" if ev is None else f"`{ev}` events"
-                    owner = (f"segment `{new_names[0]}` needs" if len(new_names) == 1 else
-                             "segments " + ", ".join(f"`{n}`" for n in new_names) + " need")
-                    raise RuleError(
-                        f"{owner} the history of {what}, which is not kept ({seen} already "
-                        "tracked); define it before tracking them",
-                        segment=new_names[0] if len(new_names) == 1 else None)
+                    missing.append((f, spec, ev, seen))
+                    break
+        history = None
+        if missing:
+            history = self._history_engine(asts, texts, items, hidden, missing, new_names)
         self._catch_up(clock_ms)
         before = self._collect(self._kernel, tuple(old.names))
         fired = self._take_firings()
@@ -800,6 +801,11 @@ class Engine:
         imap = np.array([old_keys.index(it.key()) if it.key() in old_keys else -1
                          for it in items], dtype=np.int32)
         kernel.migrate_from(self._kernel, fmap, smap, imap)
+        if history is not None:
+            kernel.copy_features_from(
+                history._kernel, np.array([f for f, *_ in missing], dtype=np.int32),
+                np.array([history._plan.feature_index(spec) for _, spec, *_ in missing],
+                         dtype=np.int32))
         self._kernel = kernel
         self._set_plan(plan)
         self._asts = asts
@@ -812,6 +818,55 @@ class Engine:
                 self._bitmaps[n] = BitMap()
         kernel.eval_all()
         return self._drain([before] if len(before) else [], fired)
+
+    def _history_engine(self, asts, texts, items, hidden, missing, new_names) -> "Engine":
+        """A scratch engine with the new rules that has seen everything since the last
+        checkpoint: the latest snapshot plus every data call of the log. Its state for the
+        missing features is exact when none of the events they read came before that
+        checkpoint (always, for a data directory never checkpointed). Raises RuleError when
+        the history is not there."""
+        owner = (f"segment `{new_names[0]}` needs" if len(new_names) == 1 else
+                 "segments " + ", ".join(f"`{n}`" for n in new_names) + " need"
+                 if new_names else "the change needs")
+        seg = new_names[0] if len(new_names) == 1 else None
+        _, spec, ev, seen = missing[0]
+        what = "events" if ev is None else f"`{ev}` events"
+        if self._wal_dir is None or self._replaying:
+            raise RuleError(f"{owner} the history of {what}, which is not kept ({seen} already "
+                            "tracked); define it before tracking them, or keep a write-ahead "
+                            "log (Engine(wal=dir)) to back-fill it by replay", segment=seg)
+        from . import snapshot
+        snap, log = _wal.paths(self._wal_dir, self._wal_seq)
+        self._log._f.flush()
+        scratch = snapshot.read(snap)
+        for _, spec, ev, _ in missing:
+            for e in spec.events:
+                before = (scratch._stats["events"] if e is None else
+                          int(scratch._event_counts[scratch._codes[e]])
+                          if e in scratch._codes else 0)
+                if before:
+                    what = "events" if e is None else f"`{e}` events"
+                    raise RuleError(f"{owner} the history of {what} from before the last "
+                                    "checkpoint, which is not kept; define it before tracking "
+                                    "them", segment=seg)
+        bare = [msgspec.structs.replace(it, fn=None) if isinstance(it, TriggerSpec) else
+                JourneySpec(it.name, it.entry, list(it.exits),
+                            [msgspec.structs.replace(st, fn=None) for st in it.steps])
+                for it in items]
+        scratch._replan(asts, texts, [], None, items=bare, hidden=hidden)
+        scratch._replaying = True
+        try:
+            for call in _wal.read_records(log)[0]:
+                if call.method in _DATA_CALLS:
+                    scratch._replay_clock = call.clock_ms
+                    getattr(scratch, call.method)(*call.args, **call.kwargs)
+        finally:
+            scratch._replaying = False
+        n = self._n_users
+        if scratch._n_users != n or not np.array_equal(scratch._pub[:n], self._pub[:n]):
+            raise RuleError(f"{owner} a back-fill by replay, but the log does not reproduce "
+                            "the engine's users", segment=seg)
+        return scratch
 
     def _require_segment(self, name: str) -> None:
         if name not in self._asts:
@@ -1921,6 +1976,8 @@ class Engine:
                 f"now={self.now}>")
 
 
+_DATA_CALLS = {"track", "track_many", "track_json", "advance", "set_traits", "set_traits_many",
+               "set_scores", "alias"}
 _LOGGED = {"add_segments", "replace_segment", "alias", "remove_segment", "set_traits", "set_traits_many", "set_scores",
            "advance", "track", "track_many", "track_json", "cap", "journey"}
 
