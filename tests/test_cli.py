@@ -63,6 +63,12 @@ def test_inspect_a_data_directory(tmp_path, capsys):
     assert main(["inspect", str(d)]) == 0
     out = capsys.readouterr().out
     assert "snapshot-0.snap + wal-0.log (2 records)" in out and "1 users" in out
+    log = d / "wal-0.log"
+    log.write_bytes(log.read_bytes()[:-3])
+    assert main(["inspect", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "1 intact records" in out and "torn or corrupt tail" in out
+    assert "add_segments" in out
 
 
 def test_demo_once(capsys):
