@@ -263,7 +263,6 @@ class _Builder:
 
     def agg_feature(self, a: R.Agg) -> int:
         _, fkey = self.filter_id(a.where)
-        self.filter_id(a.where)
         if a.window_ms is None:
             if a.fn == "count":
                 return self.feature(FeatureSpec(K_COUNT, a.event, where=fkey))

@@ -133,7 +133,7 @@ class Transitions:
         n = len(self)
         if not -n <= i < n:
             raise IndexError("transition index out of range")
-        return self._item(i % n if n else i)
+        return self._item(i % n)
 
     def __iter__(self):
         for i in range(len(self)):
@@ -357,25 +357,23 @@ def _factorize_checked(col: np.ndarray, field: str, rows=None) -> tuple[list, np
                      f"{type(v).__name__}", index=row, field=field)
 
 
-def _where_mask(cond, cols: dict, n: int, cache: dict) -> np.ndarray:
-    if isinstance(cond, R.And):
-        m = _where_mask(cond.items[0], cols, n, cache)
+def _where_mask(cond, cols: dict, n: int, cache: dict, rows=None) -> np.ndarray:
+    """A where-clause over a batch's property columns (``rows`` maps positions back to batch
+    rows for errors); each property is factorised once (``cache``) and tested per value."""
+    if isinstance(cond, (R.And, R.Or)):
+        m = _where_mask(cond.items[0], cols, n, cache, rows)
         for c in cond.items[1:]:
-            m = m & _where_mask(c, cols, n, cache)
-        return m
-    if isinstance(cond, R.Or):
-        m = _where_mask(cond.items[0], cols, n, cache)
-        for c in cond.items[1:]:
-            m = m | _where_mask(c, cols, n, cache)
+            other = _where_mask(c, cols, n, cache, rows)
+            m = m & other if isinstance(cond, R.And) else m | other
         return m
     if isinstance(cond, R.Not):
-        return ~_where_mask(cond.item, cols, n, cache)
+        return ~_where_mask(cond.item, cols, n, cache, rows)
     name = _leaf_name(cond)[1]
     col = cols.get(name)
     if col is None:
         return np.zeros(n, dtype=bool)
     if name not in cache:
-        cache[name] = _factorize_checked(col, f"props.{name}", cache.get("__rows__"))
+        cache[name] = _factorize_checked(col, f"props.{name}", rows)
     vals, inv = cache[name]
     res = np.fromiter((test_value(cond, v) for v in vals), dtype=bool, count=len(vals))
     return res[inv] if len(vals) else np.zeros(n, dtype=bool)
@@ -821,52 +819,57 @@ class Engine:
 
     def _history_engine(self, asts, texts, items, hidden, missing, new_names) -> "Engine":
         """A scratch engine with the new rules that has seen everything since the last
-        checkpoint: the latest snapshot plus every data call of the log. Its state for the
-        missing features is exact when none of the events they read came before that
-        checkpoint (always, for a data directory never checkpointed). Raises RuleError when
-        the history is not there."""
+        checkpoint, for back-filling ``missing`` features; RuleError when the history is not
+        there (no log, or events from before the last checkpoint)."""
         owner = (f"segment `{new_names[0]}` needs" if len(new_names) == 1 else
                  "segments " + ", ".join(f"`{n}`" for n in new_names) + " need"
                  if new_names else "the change needs")
         seg = new_names[0] if len(new_names) == 1 else None
         _, spec, ev, seen = missing[0]
-        what = "events" if ev is None else f"`{ev}` events"
         if self._wal_dir is None or self._replaying:
+            what = "events" if ev is None else f"`{ev}` events"
             raise RuleError(f"{owner} the history of {what}, which is not kept ({seen} already "
                             "tracked); define it before tracking them, or keep a write-ahead "
                             "log (Engine(wal=dir)) to back-fill it by replay", segment=seg)
-        from . import snapshot
-        snap, log = _wal.paths(self._wal_dir, self._wal_seq)
-        self._log._f.flush()
-        scratch = snapshot.read(snap)
-        for _, spec, ev, _ in missing:
-            for e in spec.events:
-                before = (scratch._stats["events"] if e is None else
-                          int(scratch._event_counts[scratch._codes[e]])
-                          if e in scratch._codes else 0)
-                if before:
-                    what = "events" if e is None else f"`{e}` events"
-                    raise RuleError(f"{owner} the history of {what} from before the last "
-                                    "checkpoint, which is not kept; define it before tracking "
-                                    "them", segment=seg)
-        bare = [msgspec.structs.replace(it, fn=None) if isinstance(it, TriggerSpec) else
-                JourneySpec(it.name, it.entry, list(it.exits),
-                            [msgspec.structs.replace(st, fn=None) for st in it.steps])
-                for it in items]
-        scratch._replan(asts, texts, [], None, items=bare, hidden=hidden)
-        scratch._replaying = True
-        try:
-            for call in _wal.read_records(log)[0]:
-                if call.method in _DATA_CALLS:
-                    scratch._replay_clock = call.clock_ms
-                    getattr(scratch, call.method)(*call.args, **call.kwargs)
-        finally:
-            scratch._replaying = False
+        scratch, _, _ = self._replay_since_checkpoint(asts, texts, items, hidden, owner, seg)
         n = self._n_users
         if scratch._n_users != n or not np.array_equal(scratch._pub[:n], self._pub[:n]):
             raise RuleError(f"{owner} a back-fill by replay, but the log does not reproduce "
                             "the engine's users", segment=seg)
         return scratch
+
+    def _replay_since_checkpoint(self, asts, texts, items, hidden, owner, seg):
+        """The latest snapshot, given these rules (no callbacks), then every data call of the
+        log after it: ``(scratch engine, transitions it produced, snapshot time)``. Its state
+        is exact for any rule whose events all came after that checkpoint; a rule needing
+        older history raises RuleError."""
+        from . import snapshot
+        snap, log = _wal.paths(self._wal_dir, self._wal_seq)
+        self._log.flush()
+        scratch = snapshot.read(snap)
+        start = scratch.now
+        bare = [msgspec.structs.replace(it, fn=None) if isinstance(it, TriggerSpec) else
+                JourneySpec(it.name, it.entry, list(it.exits),
+                            [msgspec.structs.replace(st, fn=None) for st in it.steps])
+                for it in items]
+        try:
+            seen = list(scratch._replan(asts, texts, [n for n in asts if n not in scratch._asts],
+                                        None, items=bare, hidden=hidden))
+        except RuleError:
+            raise RuleError(f"{owner} history from before the last checkpoint, which is not "
+                            "kept; define it before tracking those events", segment=seg) \
+                from None
+        scratch._replaying = True
+        try:
+            for call in _wal.read_records(log)[0]:
+                if call.method in _DATA_CALLS:
+                    scratch._replay_clock = call.clock_ms
+                    out = getattr(scratch, call.method)(*call.args, **call.kwargs)
+                    if isinstance(out, (Transitions, list)):
+                        seen.extend(out)
+        finally:
+            scratch._replaying = False
+        return scratch, seen, start
 
     def _require_segment(self, name: str) -> None:
         if name not in self._asts:
@@ -1192,7 +1195,9 @@ class Engine:
                 col[i] = v
         return self._ingest(users, events, tss, cols, ids if has_ids else None)
 
-    def _event_column(self, events: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def _event_column(self, events: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+        """Validated event column: ``(codes, None)`` for int codes, ``(inverse, names)`` for
+        names (codes for new names are assigned only once the whole batch is valid)."""
         n = len(events)
         if events.dtype.kind in "iu":
             if n and (events.min() < 0 or events.max() >= len(self._event_names)):
@@ -1200,7 +1205,7 @@ class Engine:
                                          (events >= len(self._event_names)))[0])
                 raise EventError(f"unknown event code {int(events[bad])} (use "
                                  "eng.event_code(name))", index=bad, field="event")
-            return events.astype(np.int32), []
+            return events.astype(np.int32), None
         if events.dtype.kind == "U":
             names, inv = np.unique(events, return_inverse=True)
             names = names.tolist()
@@ -1214,9 +1219,7 @@ class Engine:
                 bad = int(np.flatnonzero(inv.reshape(-1) == j)[0])
                 raise EventError(f"event must be a non-empty string, got {nm!r}", index=bad,
                                  field="event")
-        new = [nm for nm in names if nm not in self._codes]
-        # codes for new names are assigned only after the whole batch validated
-        return inv.reshape(-1), names if new or True else []
+        return inv.reshape(-1), names
 
     def _ts_column(self, tss: np.ndarray) -> np.ndarray:
         if tss.dtype.kind == "M":
@@ -1239,11 +1242,8 @@ class Engine:
         if clock_ms is None:
             clock_ms = self._read_clock()
         # ---- validate everything before touching any state
-        if events.dtype.kind in "iu":
-            ecodes, names = self._event_column(events), None
-            ecodes = ecodes[0]
-        else:
-            inv, names = self._event_column(events)
+        col, names = self._event_column(events)
+        ecodes, inv = (col, None) if names is None else (None, col)
         tss = self._ts_column(tss)
         if clock_ms is not None and n:
             lim = clock_ms + self._max_future_ms
@@ -1258,8 +1258,7 @@ class Engine:
             ecodes_tmp = known[inv] if len(names) else np.zeros(n, np.int32)
         else:
             ecodes_tmp = ecodes
-        fpass, vals, keys = self._prop_columns(cols, n, ecodes_tmp, names, inv if names
-                                               is not None else None, single)
+        fpass, vals, keys = self._prop_columns(cols, n, ecodes_tmp, names, inv, single)
         keep = self._dedup(ids, tss) if ids is not None else None
         if keep is not None and not keep.all() and new_users:
             kept = set(users[keep].tolist())
@@ -1271,7 +1270,8 @@ class Engine:
             ecodes = codes[inv] if len(names) else np.zeros(n, np.int32)
         self._create_users(new_users)
         if new_users:
-            dense = self._resolve_users(users)[0]
+            fresh = dense < 0           # rows of users created just now (or of dropped rows)
+            dense[fresh] = self._resolve_users(users[fresh])[0]
         dups = None
         if keep is not None and not keep.all():
             dups = np.flatnonzero(~keep)
@@ -1312,8 +1312,7 @@ class Engine:
             if not len(rows):
                 continue
             sub = {k: c[rows] for k, c in cols.items()} if len(rows) < n else cols
-            fcache: dict = {"__rows__": rows}
-            fpass[rows, j] = _where_mask(w, sub, len(rows), fcache)
+            fpass[rows, j] = _where_mask(w, sub, len(rows), {}, rows)
         cache: dict = {}
         # which rows must carry a number in each numeric prop
         for j, p in enumerate(plan.val_props):
@@ -1888,37 +1887,16 @@ class Engine:
         if self._wal_dir is None:
             raise SegcoreError("preview() replays the write-ahead log: use an engine with a "
                                "data directory (Engine(wal=dir) or Engine.open(dir))")
-        from . import snapshot
-        snap, log = _wal.paths(self._wal_dir, self._wal_seq)
-        self._log._f.flush()
-        scratch = snapshot.read(snap)
-        start = scratch.now
-        cand = "_segcore_preview"
-        if name in scratch._asts:
-            first = scratch.replace_segment(name, rule)
-            cand = name
-        else:
-            first = scratch.add_segment(cand, rule)
+        ast, text = self._to_ast(name, rule, set(self._asts) | {name})
+        asts = {**self._asts, name: ast}
+        texts = {**self._texts, name: text}
+        scratch, seen, start = self._replay_since_checkpoint(
+            asts, texts, self._items, {**self._hidden}, f"rule `{name}` needs", name)
         since_ms = start if since is None else _to_ms(since, "since")
-        seen = list(first)
-        scratch._replaying = True
-        try:
-            for call in _wal.read_records(log)[0]:
-                scratch._replay_clock = call.clock_ms
-                if call.method in ("add_segments", "replace_segment", "remove_segment") and (
-                        cand in (call.args[0] if call.args else ())
-                        if call.method == "add_segments" else
-                        (call.args and call.args[0] == cand)):
-                    continue           # the candidate stands in for the logged definition
-                out = getattr(scratch, call.method)(*call.args, **call.kwargs)
-                if isinstance(out, (Transitions, list)):
-                    seen.extend(out)
-        finally:
-            scratch._replaying = False
-        seen = [t for t in seen if isinstance(t, Transition) and t.segment == cand]
-        return {"size": scratch.size(cand),
-                "entered": sum(1 for t in seen if t.entered and t.ts >= since_ms),
-                "exited": sum(1 for t in seen if not t.entered and t.ts >= since_ms),
+        seen = [t for t in seen if t.segment == name and t.ts >= since_ms]
+        return {"size": scratch.size(name),
+                "entered": sum(1 for t in seen if t.entered),
+                "exited": sum(1 for t in seen if not t.entered),
                 "from": start, "now": scratch.now}
 
     def checkpoint(self) -> None:

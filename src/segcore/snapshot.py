@@ -33,6 +33,7 @@ import hashlib
 import io
 import os
 import struct
+from collections import deque
 from typing import Any, Union
 
 import msgspec
@@ -123,6 +124,7 @@ def _fail(reason: str) -> SnapshotError:
 # ---------------------------------------------------------------- writing
 def write(eng, target) -> None:
     """Write ``eng``'s state to a path or a binary file object."""
+    from .engine import _plain
     from .triggers import JourneySpec, TriggerSpec
 
     ks = eng._kernel.export_state()
@@ -197,12 +199,6 @@ def write(eng, target) -> None:
     else:
         for c in chunks:
             target.write(c)
-
-
-def _plain(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _text(ast) -> str:
@@ -281,7 +277,7 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
     from ._kernel import IdMap, Kernel
     from .compile import compile_segments
     from .engine import Engine, _TraitStore
-    from .triggers import JourneySpec, StepSpec, TriggerSpec
+    from .triggers import Firing, JourneySpec, StepSpec, TriggerSpec
 
     callbacks = dict(callbacks or {})
     eng = Engine(clock=clock, max_future=meta.max_future_ms, seed=meta.seed,
@@ -397,10 +393,8 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
     pol.caps = dict(meta.caps)
     pol.once = {(a, b) for a, b in meta.once}
     pol.last = {(a, b): t for a, b, t in meta.last}
-    from collections import deque
     pol.hist = {(a, b): deque(ts) for a, b, ts in meta.hist}
     pol.chan = {(a, b): deque(ts) for a, b, ts in meta.chan}
-    from .triggers import Firing
     eng._queue = deque(msgspec.convert(f, Firing) for f in meta.queue)
     # bitmaps, checked against the kernel's member bits
     members = kernel.export_state()["members"].reshape(n, max(len(plan.names), 1)) if n else \

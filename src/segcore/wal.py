@@ -123,6 +123,10 @@ class Log:
         elif self.fsync == "batch" and time.monotonic() - self._last_sync > 0.1:
             self._sync()
 
+    def flush(self) -> None:
+        """Make everything appended so far readable by another reader of the file."""
+        self._f.flush()
+
     def _sync(self) -> None:
         os.fsync(self._f.fileno())
         self._last_sync = time.monotonic()
