@@ -1,11 +1,12 @@
-"""The command line: rules check, replay, inspect and the demo (run in-process via main)."""
+"""The command line: rules check, replay, inspect, the demo and the bench (run in-process via
+main, which returns the exit status)."""
 
 import json
 
 import pytest
 
 import segcore
-from segcore.__main__ import main
+from segcore.cli import main
 
 RULES = """# test rules
 frequent: count(purchase, 90d) >= 2
@@ -77,10 +78,42 @@ def test_demo_once(capsys):
     assert "frequent_buyers" in out and "3,000" in out
 
 
-def test_help_everywhere(capsys):
-    for argv in (["--help"], ["demo", "--help"], ["replay", "--help"], ["inspect", "--help"],
-                 ["rules", "check", "--help"]):
-        with pytest.raises(SystemExit) as e:
-            main(argv)
-        assert e.value.code == 0
-    assert "replay" in capsys.readouterr().out
+def test_bench(capsys):
+    assert main(["bench", "--users", "300", "--events", "3000", "--batch", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "segcore bench: 3,000 events from 300 users (seed 0), batches of 1,000" in out
+    for line in ("track_many ", "track, one at a time ", "track_json ", "advance one day ",
+                 "members ", "sizes "):
+        assert f"\n{line}" in out, line
+    assert "3 batches" in out and "p50 " in out and "p99 " in out and "3 arrays" in out
+
+
+@pytest.mark.parametrize("argv", [[], ["demo"], ["bench"], ["replay"], ["inspect"], ["rules"],
+                                  ["rules", "check"]])
+def test_help_everywhere(capsys, argv):
+    assert main([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Usage: segcore {' '.join(argv)}".rstrip())
+    if not argv:
+        for command in ("demo", "bench", "replay", "inspect", "rules"):
+            assert f"  {command} " in out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("segcore ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--users", "0"], "Invalid value for '--users'"),
+    (["demo", "--days", "0.01"], "must be between 0.084 (2 hours) and 100000"),
+    (["demo", "--delay", "-1"], "Invalid value for '--delay'"),
+    (["bench", "--events", "many"], "Invalid value for '--events'"),
+    (["replay", "events.jsonl"], "Missing option '--rules'"),
+    (["rules", "check"], "Missing argument 'FILE'"),
+    (["nonsense"], "No such command 'nonsense'"),
+])
+def test_usage_errors(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Usage: segcore" in err and message in err

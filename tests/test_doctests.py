@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["segcore", "segcore.engine", "segcore.rules", "segcore.build", "segcore.hashing",
-           "segcore.synth", "segcore.triggers", "segcore.snapshot", "segcore.wal"]
+           "segcore.synth", "segcore.triggers", "segcore.snapshot", "segcore.wal",
+           "segcore.cli"]
 
 
 @pytest.mark.parametrize("name", MODULES)
