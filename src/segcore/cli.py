@@ -626,6 +626,68 @@ def bench(users: int, events: int, batch: int, seed: int) -> int:
     return 0
 
 
+@cli.command("serve", short_help="run the HTTP server (pip install 'segcore[server]')")
+@click.option("--rules", "rules_path", metavar="RULES_FILE",
+              help="segments: one `name: rule` per line (`#` comments), or JSON; optional "
+                   "when --data-dir already holds an engine")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; anything but loopback needs SEGCORE_TOKEN")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--data-dir", metavar="DIR",
+              help="write-ahead log and snapshots: recover on start, checkpoint on SIGTERM")
+@click.option("--fsync", type=click.Choice(["always", "batch", "never"]), default="always",
+              show_default=True, help="when the log is flushed to disk (with --data-dir)")
+@click.option("--clock", type=click.Choice(["event", "wall"]), default="event",
+              show_default=True,
+              help="event: time moves with events and POST /v1/advance; wall: with the clock")
+@click.option("--tick", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              metavar="SECONDS", help="with --clock wall: how often time is moved")
+@click.option("--max-body", type=click.IntRange(min=1), default=10_000_000,
+              show_default=True, metavar="BYTES", help="largest request body (413 above)")
+@click.option("--stream-buffer", type=click.IntRange(min=1), default=100_000,
+              show_default=True, metavar="N",
+              help="transitions and firings kept for /v1/stream resume (Last-Event-ID)")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
+                                                "debug"]), default="info", show_default=True)
+@click.option("--access-log", is_flag=True, help="log every request")
+def serve(rules_path: str | None, host: str, port: int, data_dir: str | None, fsync: str,
+          clock: str, tick: float, max_body: int, stream_buffer: int, log_level: str,
+          access_log: bool) -> int:
+    """Serve an engine over HTTP: events in, transitions out, segments, users, a live
+    event stream, Prometheus metrics and an OpenAPI document (see docs/server.md).
+
+    When SEGCORE_TOKEN is set, every endpoint but /healthz needs `Authorization: Bearer
+    <token>`. SIGTERM (or Ctrl-C) checkpoints the data directory and exits with status 0.
+    """
+    import logging
+    try:
+        from . import server
+    except ImportError as e:
+        print(f"segcore: {e}", file=sys.stderr)
+        return 2
+    from .errors import RuleError, SegcoreError
+    rules_map = None
+    if rules_path is not None:
+        rules_map, status = _load_rules(rules_path)
+        if rules_map is None:
+            return status
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
+    try:
+        server.serve(rules_map, host=host, port=port, data_dir=data_dir, fsync=fsync,
+                     clock=clock, tick=tick, max_body=max_body, stream_buffer=stream_buffer,
+                     log_level=log_level, access_log=access_log)
+    except server.ServeError as e:
+        print(f"segcore serve: {e}", file=sys.stderr)
+        return 2
+    except RuleError as e:
+        print(f"segcore serve: {rules_path or data_dir}: {e}", file=sys.stderr)
+        return 1
+    except SegcoreError as e:
+        print(f"segcore serve: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
