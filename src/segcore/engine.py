@@ -1165,35 +1165,35 @@ class Engine:
         (``ts`` in ms or ISO 8601); same contract as :meth:`track_many`."""
         rows = _decode_events(data)
         n = len(rows)
-
-        def column(values, dtype=object):
-            arr = np.empty(n, dtype=dtype)
-            arr[:] = values
-            return arr
-
-        users = column([r.user for r in rows])
-        events = column([r.event for r in rows])
+        users = _json_column([r.user for r in rows], (int,), np.int64)
+        events = _json_column([r.event for r in rows], (), None)
         ts_raw = [r.ts for r in rows]
-        if all(type(t) is int for t in ts_raw):
-            tss = np.array(ts_raw, dtype=np.int64) if n else np.zeros(0, np.int64)
-        else:
+        tss = _json_column(ts_raw, (int,), np.int64)
+        if tss.dtype.kind == "O":
             tss = np.array([_to_ms(t, "ts", i) for i, t in enumerate(ts_raw)], dtype=np.int64)
-        ids = column([r.id for r in rows])
-        has_ids = any(x is not None for x in ids)
+        id_list = [r.id for r in rows]
+        ids = _json_column(id_list, (), None) if id_list.count(None) < n else None
+        plist = [r.props for r in rows]
+        keys: dict[str, None] = {}
+        for p in plist:
+            if p:
+                keys.update(dict.fromkeys(p))
         cols: dict[str, np.ndarray] = {}
-        for i, r in enumerate(rows):
-            if not r.props:
+        bad: tuple[int, int, str, str] | None = None
+        for k in keys:
+            vals = [p.get(k) if p else None for p in plist]
+            kinds = set(map(type, vals))
+            if dict in kinds or list in kinds:
+                i = next(i for i, v in enumerate(vals) if isinstance(v, (dict, list)))
+                order = list(plist[i]).index(k)
+                if bad is None or (i, order) < bad[:2]:
+                    bad = (i, order, k, type(vals[i]).__name__)
                 continue
-            for k, v in r.props.items():
-                if isinstance(v, (dict, list)):
-                    raise EventError(f"property `{k}` must be a string, number, bool or "
-                                     f"null, got {type(v).__name__}", index=i,
-                                     field=f"props.{k}")
-                col = cols.get(k)
-                if col is None:
-                    col = cols[k] = np.full(n, None, dtype=object)
-                col[i] = v
-        return self._ingest(users, events, tss, cols, ids if has_ids else None)
+            cols[k] = _json_props_column(vals, kinds)
+        if bad is not None:
+            raise EventError(f"property `{bad[2]}` must be a string, number, bool or null, "
+                             f"got {bad[3]}", index=bad[0], field=f"props.{bad[2]}")
+        return self._ingest(users, events, tss, cols, ids)
 
     def _event_column(self, events: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
         """Validated event column: ``(codes, None)`` for int codes, ``(inverse, names)`` for
@@ -2059,6 +2059,38 @@ def _decode_events(data) -> list:
         raise EventError(msg) from None
     except msgspec.DecodeError as e:
         raise EventError(f"invalid JSON: {e}") from None
+
+
+def _json_column(values: list, fast: tuple, dtype) -> np.ndarray:
+    """A column of decoded JSON values: typed when every value is of one ``fast`` type (and
+    fits), else an object array (validated downstream, row by row)."""
+    n = len(values)
+    if fast and n and set(map(type, values)) <= set(fast):
+        try:
+            return np.array(values, dtype=dtype)
+        except OverflowError:
+            pass
+    arr = np.empty(n, dtype=object)
+    arr[:] = values
+    return arr
+
+
+_EXACT_FLOAT = 2.0 ** 53
+
+
+def _json_props_column(vals: list, kinds: set) -> np.ndarray:
+    """A property column from JSON values: float64 with NaN for absent when every value is a
+    number exactly representable as a float (the fast path of ``track_many``), else object."""
+    num = kinds - {type(None)}
+    if num and num <= {float, int}:
+        try:
+            arr = np.array([np.nan if v is None else v for v in vals] if len(num) < len(kinds)
+                           else vals, dtype=np.float64)
+        except OverflowError:
+            return _json_column(vals, (), None)
+        if int not in num or not (np.abs(arr[~np.isnan(arr)]) > _EXACT_FLOAT).any():
+            return arr
+    return _json_column(vals, (), None)
 
 
 class _BitmapQuery:
