@@ -512,6 +512,45 @@ def test_reads_catch_up_with_the_clock(make_engine):
     assert eng.now == 12_000
 
 
+def test_transitions_a_read_caught_up_are_returned_by_the_next_call(make_engine):
+    """Reads catch up with the clock; the transitions that causes are not lost: the next call
+    that returns transitions returns them first (except a forgotten user's)."""
+    now = [10.0]
+    eng = make_engine(clock=lambda: now[0])
+    eng.add_segment("recent", "did(x, 1s)")
+    eng.track(1, "x", ts=10_000)
+    eng.track("ann", "x", ts=10_000)
+    eng.track(2, "x", ts=10_500)
+    now[0] = 11.2
+    assert eng.size("recent") == 1                       # 1 and ann left at 11 000
+    assert eng.forget("ann") is True
+    now[0] = 11.4
+    assert eng.now == 11_400
+    out = eng.track(3, "x", ts=11_400)
+    assert [(t.user, t.entered, t.ts) for t in out] == [(1, False, 11_000), (3, True, 11_400)]
+    now[0] = 12.0
+    assert eng.segments_of(2) == []
+    assert [(t.user, t.entered, t.ts) for t in eng.advance(0)] == [(2, False, 11_500)]
+    assert list(eng.advance(0)) == []
+
+
+def test_ints_beyond_64_bits_are_rejected_and_change_nothing(make_engine):
+    eng = make_engine()
+    eng.add_segment("vip", "trait.level >= 1")
+    eng.track(1, "x", ts=1, id="a")
+    with pytest.raises(EventError) as e:
+        eng.set_traits(1, {"level": 2 ** 64})
+    assert (e.value.field, e.value.reason) == ("traits.level",
+                                               f"trait `level` must fit in 64 bits, got {2 ** 64}")
+    with pytest.raises(EventError) as e:
+        eng.track_many(user=[2, 3], event=["x", "x"], ts=[2, 3], id=["b", 2 ** 63])
+    assert (e.value.index, e.value.field) == (1, "id")
+    assert "must fit in 64 bits" in e.value.reason
+    assert eng.size("vip") == 0 and eng.stats()["users"] == 1
+    # `b` was not remembered by the rejected batch
+    assert len(eng.track_many(user=[2], event=["x"], ts=[4], id=["b"]).duplicates) == 0
+
+
 def test_duplicate_rows_create_no_user(make_engine):
     eng = make_engine()
     eng.add_segment("any", "seen")

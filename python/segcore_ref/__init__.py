@@ -388,6 +388,7 @@ class RefEngine:
             raise SegcoreError("max_queued_firings must be an int >= 0")
         self._max_queued = max_queued_firings
         self._queue: collections.deque = collections.deque()
+        self._held: list = []       # transitions of catch-ups, returned by the next call
         self._call_firings: list = []                # firings of the current call, in order
         self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
                        "firings": 0, "suppressed": 0, "firings_dropped": 0}
@@ -520,9 +521,11 @@ class RefEngine:
         self._call_firings.extend(self._fire(user, self._now, out, cur))
         return out
 
-    def _finish(self, transitions, duplicates=()) -> TransitionList:
+    def _finish(self, transitions, duplicates=(), hold: bool = False) -> TransitionList:
         """Count the transitions, queue the call's firings and run the callbacks of the
-        delivered ones (after the call's state change, in firing order)."""
+        delivered ones (after the call's state change, in firing order). Transitions of a
+        read's (or registration's, or forget's) catch-up with the clock are ``hold``: the next
+        call that returns transitions returns them first."""
         self._stats["transitions"] += len(transitions)
         firings, self._call_firings = self._call_firings, []
         calls = []
@@ -547,6 +550,11 @@ class RefEngine:
             except Exception:
                 self._stats["callback_errors"] += 1
                 log.exception("segcore_ref: callback %r for %s raised", fn, f)
+        if hold:
+            self._held.extend(transitions)
+            return TransitionList([], duplicates)
+        if self._held:
+            transitions, self._held = self._held + list(transitions), []
         return TransitionList(transitions, duplicates)
 
     # ================================================================== triggers: state
@@ -918,6 +926,9 @@ class RefEngine:
             if not isinstance(k, str):
                 raise EventError(f"property names must be strings, got {k!r}", index=index,
                                  field="props")
+            if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+                raise EventError(f"{kind[:-1]} `{k}` must fit in 64 bits, got {v}",
+                                 index=index, field=f"{kind}.{k}")
             try:
                 v = _prop_value(v)
             except TypeError as e:
@@ -935,6 +946,9 @@ class RefEngine:
         if id is not None and (isinstance(id, bool) or not isinstance(id, (str, int))):
             raise EventError(f"a message id must be a string or an int, got "
                              f"{type(id).__name__}", index=index, field="id")
+        if isinstance(id, int) and not -2 ** 63 <= id < 2 ** 63:
+            raise EventError(f"an int message id must fit in 64 bits, got {id}", index=index,
+                             field="id")
         return _Row(user, event, ts, clean, id)
 
     def _ingest(self, rows: list[_Row], clock_ms, batch: bool) -> TransitionList:
@@ -1075,6 +1089,9 @@ class RefEngine:
                 if v is not None and not finite:
                     raise EventError(f"score `{k}` must be a finite number or None, got {v!r}",
                                      index=index, field=f"scores.{k}")
+            if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+                raise EventError(f"{kind[:-1]} `{k}` must fit in 64 bits, got {v}",
+                                 index=index, field=f"{kind}.{k}")
             try:
                 v = _prop_value(v)
             except TypeError as e:
@@ -1144,7 +1161,9 @@ class RefEngine:
                 del self._str_numbers[u]
                 del self._number_str[rec.number]
             self._queue = collections.deque(f for f in self._queue if f.user != u)
-        self._finish(out)
+            out = [t for t in out if t.user != u]
+            self._held = [t for t in self._held if t.user != u]
+        self._finish(out, hold=True)
         return rec is not None
 
     def alias(self, new, old) -> TransitionList:
@@ -1182,7 +1201,7 @@ class RefEngine:
     def _read(self) -> None:
         clock_ms = self._clock_ms()
         if clock_ms is not None:
-            self._finish(self._move_time(clock_ms))
+            self._finish(self._move_time(clock_ms), hold=True)
 
     def members(self, name: str) -> BitMap:
         """Public numbers of the users in segment ``name`` (a fresh BitMap)."""
@@ -1231,7 +1250,7 @@ class RefEngine:
         what is registered sees only what happens after it."""
         clock_ms = self._clock_ms()
         if clock_ms is not None:
-            self._finish(self._move_time(clock_ms))
+            self._finish(self._move_time(clock_ms), hold=True)
 
     def _used_by(self, segment: str) -> list[str]:
         """The triggers and journeys that use ``segment`` (described for an error)."""

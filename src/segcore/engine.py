@@ -26,7 +26,7 @@ import re
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 import numpy as np
@@ -451,6 +451,7 @@ class Engine:
         self._pub = np.zeros(16, dtype=np.uint32)
         self._n_users = 0
         self._erased: set[int] = set()              # dense slots of forgotten users
+        self._held: list[Transitions] = []          # caught up by reads, not yet returned
         self._str_num: dict[int, str] = {}
         self._next_str = _U32 - 1
         # events
@@ -515,7 +516,13 @@ class Engine:
         current wall time; the transitions that causes go to the bitmaps and callbacks."""
         if self._clock is not None:
             self._catch_up(self._read_clock())
-            self._drain([])
+            self._hold(self._drain([]))
+
+    def _hold(self, batch: Transitions) -> None:
+        """Keep transitions that a read (or forget) caused by catching up with the clock: the
+        next call that returns transitions returns them first, so none is ever lost."""
+        if len(batch):
+            self._held = [batch]
 
     @property
     def segments(self) -> dict[str, str]:
@@ -898,6 +905,9 @@ class Engine:
 
     @staticmethod
     def _check_profile_value(v, what: str, key: str, index=None):
+        if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+            raise EventError(f"{what} `{key}` must fit in 64 bits, got {v}", index=index,
+                             field=f"{what}s.{key}")
         if v is None or isinstance(v, (str, int, float, bool)):
             return _norm(v) if not isinstance(v, bool) else v
         if isinstance(v, (np.generic,)):
@@ -1352,6 +1362,17 @@ class Engine:
         return fpass.reshape(-1), vals.reshape(-1), keys.reshape(-1)
 
     def _dedup(self, ids: np.ndarray, tss: np.ndarray) -> np.ndarray:
+        """Rows to keep (False for an id seen within the horizon); remembers the new ids, so
+        the ids are all checked before the first is remembered."""
+        for i, mid in enumerate(ids.tolist()):
+            if mid is None or type(mid) is str:
+                continue
+            if isinstance(mid, (bool, np.bool_)) or not isinstance(mid, (int, np.integer)):
+                raise EventError(f"a message id must be a string or int, got "
+                                 f"{type(mid).__name__}", index=i, field="id")
+            if not -2 ** 63 <= mid < 2 ** 63:
+                raise EventError(f"an int message id must fit in 64 bits, got {mid}",
+                                 index=i, field="id")
         keep = np.ones(len(ids), dtype=bool)
         now = self._kernel.now
         seen = self._seen_ids
@@ -1361,9 +1382,6 @@ class Engine:
                 if tss[i] > now:
                     now = int(tss[i])
                 continue
-            if not isinstance(mid, (str, int)) or isinstance(mid, bool):
-                raise EventError(f"a message id must be a string or int, got "
-                                 f"{type(mid).__name__}", index=i, field="id")
             t0 = seen.get(mid)
             if t0 is not None and now - t0 <= horizon:
                 keep[i] = False
@@ -1425,6 +1443,9 @@ class Engine:
         self._stats["transitions"] += len(out)
         if self._items:
             self._deliver(self._take_firings())
+        if self._held:
+            held, self._held = self._held, []
+            out = [t for b in held for t in b] + out
         return out
 
     def _drain(self, prefix: list, fired: list = ()) -> Transitions:
@@ -1438,6 +1459,9 @@ class Engine:
             fired += self._take_firings()
         if fired:
             self._deliver(fired)
+        if self._held:
+            held, self._held = self._held, []
+            batch = Transitions.concat(held + [batch], names)
         return batch
 
     def _take_firings(self) -> list:
@@ -1557,8 +1581,8 @@ class Engine:
                            None if cooldown is None else R.parse_duration(cooldown),
                            parse_max_per(max_per), once, channel, fn)
         self._clock_seen = None
-        self._replan(self._asts, self._texts, [], self._read_clock(),
-                     items=self._items + [spec])
+        self._hold(self._replan(self._asts, self._texts, [], self._read_clock(),
+                                items=self._items + [spec]))
         self._log_internal("_replay_trigger", [segment, entered, spec.after_ms,
                                                spec.cooldown_ms, spec.max_per, once, channel,
                                                name])
@@ -1599,8 +1623,8 @@ class Engine:
         for x in exits:
             self._require_segment(x)
         spec = JourneySpec(name, entry, exits)
-        self._replan(self._asts, self._texts, [], self._read_clock(),
-                     items=self._items + [spec])
+        self._hold(self._replan(self._asts, self._texts, [], self._read_clock(),
+                                items=self._items + [spec]))
         return Journey(self, spec)
 
     def _add_journey_step(self, spec: JourneySpec, step: StepSpec, only_if) -> None:
@@ -1615,8 +1639,8 @@ class Engine:
         new = JourneySpec(spec.name, spec.entry, spec.exits, spec.steps + [step])
         items = [new if it is spec else it for it in self._items]
         self._clock_seen = None
-        self._replan(self._asts, self._texts, [], self._read_clock(), items=items,
-                     hidden=hidden)
+        self._hold(self._replan(self._asts, self._texts, [], self._read_clock(), items=items,
+                                hidden=hidden))
         self._log_internal("_replay_step", [spec.name, step.after_ms,
                                             None if only_if is None else
                                             (only_if if isinstance(only_if, str)
@@ -1730,7 +1754,7 @@ class Engine:
             or not 0 <= user < _U32 else user
         d = self._dense_of(user)
         self._catch_up(clock_ms)
-        self._drain([])
+        self._hold(self._drain([]))
         if d is None:
             return False
         self._erase(user, d)
@@ -1798,6 +1822,11 @@ class Engine:
         pol.hist = {k: v for k, v in pol.hist.items() if k[1] != d}
         pol.chan = {k: v for k, v in pol.chan.items() if k[1] != d}
         self._queue = deque(f for f in self._queue if f.user != user)
+        if self._held:
+            b = self._held[0]
+            keep = b.user != num
+            self._held = [Transitions(b.user[keep], b.segment[keep], b.entered[keep],
+                                      b.ts[keep], b.segment_names, b._strs)]
 
     # ------------------------------------------------------------------ durability
     def _install_log(self) -> None:
@@ -2030,12 +2059,15 @@ class _TraitStore:
         return out
 
 
+_Int64 = Annotated[int, msgspec.Meta(ge=-2 ** 63, le=2 ** 63 - 1)]
+
+
 class _EventRow(msgspec.Struct, forbid_unknown_fields=True):
     user: Union[int, str]
     event: str
     ts: Union[int, str]
-    props: Union[dict[str, Union[str, int, float, bool, None, list, dict]], None] = None
-    id: Union[str, int, None] = None
+    props: Union[dict[str, Union[str, _Int64, float, bool, None, list, dict]], None] = None
+    id: Union[str, _Int64, None] = None
 
 
 _rows_decoder = msgspec.json.Decoder(list[_EventRow])
@@ -2059,6 +2091,8 @@ def _decode_events(data) -> list:
         raise EventError(msg) from None
     except msgspec.DecodeError as e:
         raise EventError(f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise EventError("the JSON is nested too deeply") from None
 
 
 def _json_column(values: list, fast: tuple, dtype) -> np.ndarray:
@@ -2123,7 +2157,10 @@ class _BitmapQuery:
     def parse(self) -> BitMap:
         if not self.toks:
             raise self.err("empty query", 0)
-        bm = self.expr()
+        try:
+            bm = self.expr()
+        except RecursionError:
+            raise RuleError("the query is nested too deeply") from None
         tok, pos = self.peek()
         if tok is not None:
             raise self.err(f"unexpected `{tok}`", pos)

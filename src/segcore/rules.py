@@ -963,7 +963,10 @@ def parse_full(text: str, *, segment: str | None = None, segments=None,
     if not isinstance(text, str):
         raise RuleError(f"a rule must be a string, got {type(text).__name__}", segment=segment)
     p = _Parser(text, segment, segments, event_types)
-    ast = p.parse()
+    try:
+        ast = p.parse()
+    except RecursionError:
+        raise RuleError("the rule is nested too deeply", segment=segment) from None
     refs = tuple((name, *_linecol(text, pos)) for name, pos in p.refs)
     return Parsed(ast, text, refs)
 

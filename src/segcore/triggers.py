@@ -59,8 +59,8 @@ class Firing(msgspec.Struct, frozen=True):
 
 
 def _positive_int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise SegcoreError(f"{what} must be a positive int, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2 ** 31:
+        raise SegcoreError(f"{what} must be a positive int below 2**31, got {v!r}")
     return v
 
 
