@@ -276,6 +276,45 @@ def test_oversized_bodies_are_413_and_change_nothing(serve):
     assert s.sizes()["buyers"] == 20
 
 
+def test_hostile_input_is_4xx_and_changes_nothing(serve):
+    s = serve()
+    s.post("/v1/events", [{"user": 1, "event": "purchase", "ts": 1_000, "id": "a"}])
+    before = (s.get("/v1/segments").json(), s.get("/healthz").json())
+    deep = b"[" * 5_000 + b"]" * 5_000
+    _err(s.post("/v1/events", b'[{"user": 2, "event": "x", "ts": 2, "props": {"a": '
+                + deep + b"}}]"), 422, "invalid_event")
+    err = _err(s.post("/v1/query", {"expr": "(" * 3_000 + "buyers" + ")" * 3_000}), 422,
+               "invalid_query")
+    assert "nested too deeply" in err["message"]
+    _err(s.post("/v1/query", {"expr": "~" * 100_000 + "buyers"}), 422, "invalid_query")
+    err = _err(s.put("/v1/segments/x", {"rule": "not " * 5_000 + "seen"}), 422,
+               "invalid_rule")
+    assert "nested too deeply" in err["message"]
+    _err(s.put("/v1/users/1/traits", {"level": 2 ** 64}), 422, "invalid_body")
+    _err(s.post("/v1/events", [{"user": 2, "event": "x", "ts": 2, "id": 2 ** 64}]), 422,
+         "invalid_event", "$[0].id")
+    _err(s.put("/v1/triggers/t", {"segment": "buyers", "max_per": [2 ** 40, "1d"]}), 422,
+         "invalid_body")
+    for q in ({"limit": "9" * 5_000}, {"cursor": "9" * 5_000}, {"limit": "²"},
+              {"cursor": "１２"}):
+        _err(s.get("/v1/segments/buyers/members", params=q), 422, "invalid_request")
+    _err(s.post("/v1/query", {"expr": "buyers", "cursor": "9" * 5_000}), 422, "invalid_body",
+         "$.cursor")
+    assert s.get("/v1/segments/buyers/members",
+                 headers={"Accept": "application/octet-stream;q=0, application/json"}
+                 ).json()["members"] == [1]
+    s.post("/v1/events", [{"user": 9, "event": "purchase", "ts": 1_000}])
+    for bad in ("x-" + "9" * 5_000, "abc-²".encode("latin-1"), "-", "", "9" * 30):
+        with s.http.stream("GET", "/v1/stream", timeout=10,
+                           headers={"Last-Event-ID": bad}) as r:
+            assert r.status_code == 200
+            first = _Sse(r).next()
+            assert first["event"] in ("gap", "transition"), first
+    s.delete("/v1/users/9")
+    assert (s.get("/v1/segments").json(), s.get("/healthz").json()) == before
+    assert s.proc.poll() is None
+
+
 # ------------------------------------------------------------------ auth
 def test_auth_with_a_token(serve):
     s = serve(token="s3cret")
@@ -436,7 +475,7 @@ def test_stream_transitions_firings_and_resume(serve):
                "invalid_body", "$")
     assert "`soon` is not a duration" in err["message"]
     assert s.get("/v1/triggers").json()["triggers"][0]["channel"] == "email"
-    with s.http.stream("GET", "/v1/stream") as resp:
+    with s.http.stream("GET", "/v1/stream", timeout=10) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         live = _Sse(resp)
         s.post("/v1/events", [{"user": 1, "event": "purchase", "ts": 1_000},
@@ -449,12 +488,12 @@ def test_stream_transitions_firings_and_resume(serve):
     boot = got[0]["id"].split("-")[0]
     assert [e["id"] for e in got] == [f"{boot}-1", f"{boot}-2", f"{boot}-3"]
     # resume after the first: the two after it, from the buffer
-    with s.http.stream("GET", "/v1/stream", headers={"Last-Event-ID": got[0]["id"]}) as r:
+    with s.http.stream("GET", "/v1/stream", timeout=10, headers={"Last-Event-ID": got[0]["id"]}) as r:
         again = _Sse(r).take(2)
     assert again == got[1:]
     # overflow the 6-event buffer, then resume from an evicted id: a gap, then the oldest
     s.post("/v1/events", [{"user": u, "event": "purchase", "ts": 3_000} for u in (2, 3, 4)])
-    with s.http.stream("GET", "/v1/stream", headers={"Last-Event-ID": got[0]["id"]}) as r:
+    with s.http.stream("GET", "/v1/stream", timeout=10, headers={"Last-Event-ID": got[0]["id"]}) as r:
         sse = _Sse(r)
         gap = sse.next()
         rest = sse.take(6)
@@ -462,7 +501,7 @@ def test_stream_transitions_firings_and_resume(serve):
     assert "no longer buffered" in gap["data"]["reason"]
     assert [e["id"] for e in rest] == [f"{boot}-{i}" for i in range(4, 10)]
     # an id from another server process (or garbage) is a gap too, never a silent skip
-    with s.http.stream("GET", "/v1/stream", headers={"Last-Event-ID": "0000-3"}) as r:
+    with s.http.stream("GET", "/v1/stream", timeout=10, headers={"Last-Event-ID": "0000-3"}) as r:
         sse = _Sse(r)
         gap = sse.next()
         first = sse.next()
@@ -470,7 +509,7 @@ def test_stream_transitions_firings_and_resume(serve):
     assert first["id"] == f"{boot}-4"
     # forget takes the user out of the buffer too
     s.delete("/v1/users/2")
-    with s.http.stream("GET", "/v1/stream", headers={"Last-Event-ID": f"{boot}-3"}) as r:
+    with s.http.stream("GET", "/v1/stream", timeout=10, headers={"Last-Event-ID": f"{boot}-3"}) as r:
         sse = _Sse(r)
         left = sse.take(4)
     assert 2 not in {e["data"]["user"] for e in left}
@@ -520,12 +559,18 @@ def test_restart_with_a_data_dir_loses_nothing_acknowledged(serve, tmp_path):
     oracle.advance(oracle.now + 40 * DAY)
     expected = _state(oracle)
     assert _state(s) == expected
+    before = sorted(os.listdir(data))
     assert s.stop(signal.SIGTERM) == 0          # a clean stop checkpoints
     assert "checkpointed" in s.log.read_text()
-    assert sorted(os.listdir(data))[-1].startswith("wal-")
-    assert os.path.getsize(next(data.glob("wal-*.log"))) == 0
+    n = max(int(f.split("-")[1].split(".")[0]) for f in before) + 1
+    assert sorted(os.listdir(data)) == [f"snapshot-{n}.snap", f"wal-{n}.log"]
+    assert os.path.getsize(data / f"wal-{n}.log") == 0
     s = serve("--data-dir", str(data), rules=None)      # the data dir alone suffices
     assert _state(s) == expected
+    s.stop()
+    # a rules file with a new segment referencing another new one defined after it
+    s = serve("--data-dir", str(data), rules=RULES + "a: in(b)\nb: in(buyers)\n")
+    assert s.sizes()["a"] == s.sizes()["b"] == len(expected["buyers"])
 
 
 # ------------------------------------------------------------------ wall-clock mode
@@ -535,8 +580,11 @@ def test_wall_clock_mode_moves_users_by_time_alone(serve):
     t0 = int(time.time() * 1000)
     r = s.post("/v1/events", [{"user": "ann", "event": "add_to_cart", "ts": t0}])
     assert r.json()["transitions"] == []
-    assert s.get("/v1/users/ann/segments").json()["segments"] == []
-    with s.http.stream("GET", "/v1/stream", headers={"Last-Event-ID": "x-0"}) as resp:
+    # reads between the ticks catch up with the clock too; what they see is not lost
+    while time.time() * 1000 < t0 + 1_300:
+        s.get("/healthz")
+        s.get("/v1/segments")
+    with s.http.stream("GET", "/v1/stream", timeout=10, headers={"Last-Event-ID": "x-0"}) as resp:
         sse = _Sse(resp)
         ev = sse.next()
         while ev["event"] == "gap":
@@ -544,6 +592,8 @@ def test_wall_clock_mode_moves_users_by_time_alone(serve):
     assert ev["data"] == {"user": "ann", "segment": "carters", "entered": True,
                           "ts": t0 + 1_000}
     assert s.get("/v1/users/ann/segments").json()["segments"] == ["carters"]
+    assert 'segcore_transitions_total{direction="enter",segment="carters"} 1.0' in \
+        s.get("/metrics").text.splitlines()
     _err(s.post("/v1/advance", {"ts": t0 + 5_000}), 409, "conflict", "ts")
     too_late = t0 + 3_600_000
     _err(s.post("/v1/events", [{"user": "bo", "event": "x", "ts": too_late}]), 422,

@@ -673,7 +673,7 @@ def serve(rules_path: str | None, host: str, port: int, data_dir: str | None, fs
             return status
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     try:
-        server.serve(rules_map, host=host, port=port, data_dir=data_dir, fsync=fsync,
+        return server.serve(rules_map, host=host, port=port, data_dir=data_dir, fsync=fsync,
                      clock=clock, tick=tick, max_body=max_body, stream_buffer=stream_buffer,
                      log_level=log_level, access_log=access_log)
     except server.ServeError as e:
@@ -685,7 +685,6 @@ def serve(rules_path: str | None, host: str, port: int, data_dir: str | None, fs
     except SegcoreError as e:
         print(f"segcore serve: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 def _version() -> str:

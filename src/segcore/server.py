@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 import numpy as np
@@ -66,7 +66,8 @@ _U32 = 2 ** 32
 
 # ------------------------------------------------------------------ wire types (msgspec)
 UserId = Union[int, str]
-Scalar = Union[str, int, float, bool, None]
+Int64 = Annotated[int, msgspec.Meta(ge=-2 ** 63, le=2 ** 63 - 1)]
+Scalar = Union[str, Int64, float, bool, None]
 Score = Union[float, None]
 
 
@@ -76,7 +77,7 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     event: str
     ts: Union[int, str]
     props: Union[dict[str, Scalar], None] = None
-    id: Union[str, int, None] = None
+    id: Union[str, Int64, None] = None
 
 
 class TransitionOut(msgspec.Struct):
@@ -94,7 +95,7 @@ class EventsResponse(msgspec.Struct):
 
 
 class AdvanceIn(msgspec.Struct, forbid_unknown_fields=True):
-    ts: Union[int, str]
+    ts: Union[Int64, str]
 
 
 class TransitionsResponse(msgspec.Struct):
@@ -139,8 +140,8 @@ class MembersPage(msgspec.Struct):
 
 class QueryIn(msgspec.Struct, forbid_unknown_fields=True):
     expr: str
-    limit: int = DEFAULT_PAGE
-    cursor: Union[str, None] = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE
+    cursor: Union[Annotated[str, msgspec.Meta(pattern="^[0-9]{1,10}$")], None] = None
 
 
 class UserSegments(msgspec.Struct):
@@ -162,9 +163,10 @@ class TriggerIn(msgspec.Struct, forbid_unknown_fields=True):
     """A trigger whose firings go to ``GET /v1/stream`` (and ``/metrics``)."""
     segment: str
     on: Literal["enter", "exit"] = "enter"
-    after: Union[str, int, None] = None
-    cooldown: Union[str, int, None] = None
-    max_per: Union[tuple[int, Union[str, int]], None] = None
+    after: Union[str, Int64, None] = None
+    cooldown: Union[str, Int64, None] = None
+    max_per: Union[tuple[Annotated[int, msgspec.Meta(ge=1, le=2 ** 31 - 1)],
+                         Union[str, Int64]], None] = None
     once: bool = False
     channel: Union[str, None] = None
 
@@ -314,7 +316,7 @@ class _Hub:
         if raw is None:
             return self.seq, None
         boot, _, num = raw.strip().partition("-")
-        if boot != self.boot or not num.isdigit():
+        if boot != self.boot or not (num.isascii() and num.isdigit() and len(num) <= 18):
             return 0, (f"Last-Event-ID `{raw[:64]}` is not from this server process (it "
                        "restarted, or the id is malformed): resuming from the oldest event "
                        "still buffered")
@@ -434,7 +436,7 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not lo <= int(raw) <= hi:
         raise ApiError(422, "invalid_request",
                        f"`{name}` must be an integer between {lo} and {hi}", name)
     return int(raw)
@@ -443,10 +445,20 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 def _cursor(raw: str | None, path: str = "cursor") -> int:
     if raw is None:
         return -1
-    if not (raw.isascii() and raw.isdigit()) or int(raw) >= _U32:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or int(raw) >= _U32:
         raise ApiError(422, "invalid_request", "`cursor` must be a `next_cursor` value from "
                        "a previous page", path)
     return int(raw)
+
+
+def _wants_bitmap(accept: str) -> bool:
+    """Whether ``Accept`` asks for ``application/octet-stream`` (with a non-zero q)."""
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media.lower() == "application/octet-stream":
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+                           for p in params)
+    return False
 
 
 class _Auth:
@@ -570,7 +582,7 @@ class _App:
             self.metrics.rejected_batches.labels("invalid").inc()
             try:
                 self.metrics.rejected.inc(len(msgspec.json.decode(body, type=list)))
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 pass
             raise _engine_error(e) from None
         self.metrics.latency.observe(time.perf_counter() - t0)
@@ -629,7 +641,7 @@ class _App:
         return _json(SegmentSize(name, self.eng.size(name)))
 
     def _bitmap_or_page(self, request: Request, bm, limit: int, cursor: int) -> Response:
-        if "application/octet-stream" in request.headers.get("accept", ""):
+        if _wants_bitmap(request.headers.get("accept", "")):
             return Response(bm.serialize(), media_type="application/octet-stream",
                             headers={"X-Segcore-Size": str(len(bm))})
         return _json(self.page(bm, limit, cursor))
@@ -794,9 +806,12 @@ def create_app(eng: Engine, *, token: str | None = None, max_body: int = DEFAULT
                                         headers=exc.headers))
 
     async def server_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, RecursionError):     # parsers fail before changing anything
+            return _error_response(ApiError(422, "invalid_body", "nested too deeply"))
         log.exception("internal error on %s %s", request.method, request.url.path,
                       exc_info=exc)
-        return _error_response(ApiError(500, "internal", f"{type(exc).__name__}: {exc}"))
+        return _error_response(ApiError(500, "internal", "internal error (the server log "
+                                        "has the details)"))
 
     from contextlib import asynccontextmanager
 
@@ -890,6 +905,9 @@ def openapi_spec() -> dict:
         ok: dict[str, Any] = {"description": "ok"}
         if resp is not None:
             ok["content"] = {"application/json": {"schema": by_type[resp]}}
+            if resp is MembersPage:
+                ok["content"]["application/octet-stream"] = {
+                    "schema": {"type": "string", "format": "binary"}}
         op["responses"] = {str(s): ok for s in (status if isinstance(status, tuple)
                                                 else (status,))}
         op["responses"]["4XX"] = err
@@ -900,8 +918,10 @@ def openapi_spec() -> dict:
         "summary": "Server-Sent Events: `transition`, `firing` and `gap` events; "
                    "Last-Event-ID resumes", "operationId": "get_v1_stream",
         "security": [{"bearer": []}],
+        "parameters": [{"name": "Last-Event-ID", "in": "header", "required": False,
+                        "schema": {"type": "string"}}],
         "responses": {"200": {"description": "an event stream",
-                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                              "content": {"text/event-stream": {}}},
                       "4XX": err}}}
     paths["/metrics"] = {"get": {
         "summary": "Prometheus metrics", "operationId": "get_metrics",
@@ -944,11 +964,16 @@ def build_engine(rules: dict[str, str] | None, data_dir: str | None = None, *,
     at run time over HTTP are kept), else a new one with ``rules``."""
     if data_dir is not None and os.path.isdir(data_dir) and _wal.latest(data_dir) is not None:
         eng = Engine.open(data_dir, clock=clock, fsync=fsync)
-        for name, rule in (rules or {}).items():
+        rules = rules or {}
+        # the file's segments after the ones they reference, so that `a: in(b)` may come
+        # before `b` (segments only in the engine are known already)
+        deps = {n: [r for r in R.references(R.parse(rule, segment=n, segments={
+            **eng.segments, **rules})) if r in rules] for n, rule in rules.items()}
+        for name in R.topo_order(deps):
             if name not in eng.segments:
-                eng.add_segment(name, rule)
-            elif eng.segments[name] != rule:
-                eng.replace_segment(name, rule)
+                eng.add_segment(name, rules[name])
+            elif eng.segments[name] != rules[name]:
+                eng.replace_segment(name, rules[name])
         return eng
     if rules is None:
         raise ServeError("no rules: pass --rules RULES_FILE (or a --data-dir that holds "
@@ -962,8 +987,10 @@ def serve(rules: dict[str, str] | None, *, host: str = "127.0.0.1", port: int = 
           data_dir: str | None = None, token: str | None = None,
           max_body: int = DEFAULT_MAX_BODY, fsync: str = "always", clock: str = "event",
           tick: float = 1.0, stream_buffer: int = DEFAULT_STREAM_BUFFER,
-          log_level: str = "info", access_log: bool = False) -> None:
-    """Run the server until SIGTERM or SIGINT, then checkpoint (with a data dir) and return.
+          log_level: str = "info", access_log: bool = False) -> int:
+    """Run the server until SIGTERM or SIGINT, then checkpoint (with a data dir) and return
+    the exit status: 0, or 1 when the checkpoint did not happen (a second Ctrl-C, a full disk;
+    the log still holds every acknowledged call and is replayed on the next start).
 
     ``token`` defaults to ``$SEGCORE_TOKEN``; binding a non-loopback address without one
     raises :class:`ServeError`."""
@@ -979,18 +1006,26 @@ def serve(rules: dict[str, str] | None, *, host: str = "127.0.0.1", port: int = 
     eng = build_engine(rules, data_dir, clock=time.time if clock == "wall" else None,
                        fsync=fsync)
 
+    done = {"checkpoint": data_dir is None}
+
     def on_shutdown() -> None:
-        if data_dir is not None:
+        if data_dir is None:
+            return
+        try:
             eng.checkpoint()
             eng.close()
-            log.info("checkpointed the engine into %s", data_dir)
+        except Exception:  # noqa: BLE001 - reported, and the exit status says so
+            log.exception("checkpoint into %s failed", data_dir)
+            return
+        done["checkpoint"] = True
+        log.info("checkpointed the engine into %s", data_dir)
 
     app = create_app(eng, token=token, max_body=max_body, stream_buffer=stream_buffer,
                      tick=tick if clock == "wall" else None, on_shutdown=on_shutdown)
     hub = app.app.state.segcore.hub if isinstance(app, _Auth) else app.state.segcore.hub
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=10, server_header=False)
+                            timeout_graceful_shutdown=5, server_header=False)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
@@ -1007,4 +1042,9 @@ def serve(rules: dict[str, str] | None, *, host: str = "127.0.0.1", port: int = 
              len(eng.segments), host, port, "on" if token else "off", data_dir or "none",
              clock)
     _Server(config).run()
+    if not done["checkpoint"]:
+        log.error("stopped without a checkpoint: the write-ahead log in %s holds every "
+                  "acknowledged call and is replayed on the next start", data_dir)
+        return 1
+    return 0
 
