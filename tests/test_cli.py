@@ -89,13 +89,13 @@ def test_bench(capsys):
 
 
 @pytest.mark.parametrize("argv", [[], ["demo"], ["bench"], ["replay"], ["inspect"], ["rules"],
-                                  ["rules", "check"]])
+                                  ["rules", "check"], ["serve"]])
 def test_help_everywhere(capsys, argv):
     assert main([*argv, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"Usage: segcore {' '.join(argv)}".rstrip())
     if not argv:
-        for command in ("demo", "bench", "replay", "inspect", "rules"):
+        for command in ("demo", "bench", "replay", "inspect", "rules", "serve"):
             assert f"  {command} " in out
 
 
