@@ -926,9 +926,6 @@ class RefEngine:
             if not isinstance(k, str):
                 raise EventError(f"property names must be strings, got {k!r}", index=index,
                                  field="props")
-            if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
-                raise EventError(f"{kind[:-1]} `{k}` must fit in 64 bits, got {v}",
-                                 index=index, field=f"{kind}.{k}")
             try:
                 v = _prop_value(v)
             except TypeError as e:
@@ -1089,9 +1086,9 @@ class RefEngine:
                 if v is not None and not finite:
                     raise EventError(f"score `{k}` must be a finite number or None, got {v!r}",
                                      index=index, field=f"scores.{k}")
-            if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
-                raise EventError(f"{kind[:-1]} `{k}` must fit in 64 bits, got {v}",
-                                 index=index, field=f"{kind}.{k}")
+            elif isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+                raise EventError(f"trait `{k}` must fit in 64 bits, got {v}", index=index,
+                                 field=f"traits.{k}")
             try:
                 v = _prop_value(v)
             except TypeError as e:

@@ -61,6 +61,19 @@ def value_key(v):
     return v
 
 
+def _latest_by_key(events, key: str) -> dict:
+    """The latest ``ts`` per value of property ``key`` (events without it are ignored)."""
+    latest: dict = {}
+    for e in events:
+        k = e.props.get(key, MISSING)
+        if k is MISSING:
+            continue
+        k = value_key(k)
+        if k not in latest or e.ts > latest[k]:
+            latest[k] = e.ts
+    return latest
+
+
 def walk(node):
     """Every node of a rule, ``where`` clauses included."""
     yield node
@@ -179,22 +192,8 @@ class Evaluator:
                 return False
             return not any(e.ts >= latest for e in b_events)
         # Keyed: the same per value of property KEY; events without KEY are ignored.
-        latest_a: dict = {}
-        for e in a_events:
-            k = e.props.get(node.by, MISSING)
-            if k is MISSING:
-                continue
-            k = value_key(k)
-            if k not in latest_a or e.ts > latest_a[k]:
-                latest_a[k] = e.ts
-        latest_b: dict = {}
-        for e in b_events:
-            k = e.props.get(node.by, MISSING)
-            if k is MISSING:
-                continue
-            k = value_key(k)
-            if k not in latest_b or e.ts > latest_b[k]:
-                latest_b[k] = e.ts
+        latest_a = _latest_by_key(a_events, node.by)
+        latest_b = _latest_by_key(b_events, node.by)
         for k, la in latest_a.items():
             if la <= limit and not (k in latest_b and latest_b[k] >= la):
                 return True

@@ -390,9 +390,7 @@ def _as_column(x, n: int, field: str) -> np.ndarray:
         except TypeError:
             raise EventError(f"must be a column (array or list), got {type(x).__name__}",
                              field=field) from None
-        arr = np.empty(len(items), dtype=object)
-        for i, v in enumerate(items):
-            arr[i] = v
+        arr = np.fromiter(items, dtype=object, count=len(items))
     if arr.ndim != 1:
         raise EventError(f"must be a 1-d column, got shape {arr.shape}", field=field)
     if len(arr) != n:
@@ -451,7 +449,7 @@ class Engine:
         self._pub = np.zeros(16, dtype=np.uint32)
         self._n_users = 0
         self._erased: set[int] = set()              # dense slots of forgotten users
-        self._held: list[Transitions] = []          # caught up by reads, not yet returned
+        self._held: Transitions | None = None       # caught up by reads, not yet returned
         self._str_num: dict[int, str] = {}
         self._next_str = _U32 - 1
         # events
@@ -522,7 +520,7 @@ class Engine:
         """Keep transitions that a read (or forget) caused by catching up with the clock: the
         next call that returns transitions returns them first, so none is ever lost."""
         if len(batch):
-            self._held = [batch]
+            self._held = batch
 
     @property
     def segments(self) -> dict[str, str]:
@@ -604,7 +602,7 @@ class Engine:
         n = len(users)
         if users.dtype.kind == "O" and n:
             items = users.tolist()
-            if all(type(u) is int for u in items):          # JSON / lists of plain ints
+            if set(map(type, items)) == {int}:              # JSON / lists of plain ints
                 users = np.array(items, dtype=np.int64) if max(items) < 2**63 and \
                     min(items) > -2**63 else users
         if users.dtype.kind in "iu":
@@ -1175,14 +1173,11 @@ class Engine:
         (``ts`` in ms or ISO 8601); same contract as :meth:`track_many`."""
         rows = _decode_events(data)
         n = len(rows)
-        users = _json_column([r.user for r in rows], (int,), np.int64)
-        events = _json_column([r.event for r in rows], (), None)
-        ts_raw = [r.ts for r in rows]
-        tss = _json_column(ts_raw, (int,), np.int64)
-        if tss.dtype.kind == "O":
-            tss = np.array([_to_ms(t, "ts", i) for i, t in enumerate(ts_raw)], dtype=np.int64)
+        users = _as_column([r.user for r in rows], n, "user")
+        events = _as_column([r.event for r in rows], n, "event")
+        tss = _as_column([r.ts for r in rows], n, "ts")
         id_list = [r.id for r in rows]
-        ids = _json_column(id_list, (), None) if id_list.count(None) < n else None
+        ids = _as_column(id_list, n, "id") if id_list.count(None) < n else None
         plist = [r.props for r in rows]
         keys: dict[str, None] = {}
         for p in plist:
@@ -1199,7 +1194,7 @@ class Engine:
                 if bad is None or (i, order) < bad[:2]:
                     bad = (i, order, k, type(vals[i]).__name__)
                 continue
-            cols[k] = _json_props_column(vals, kinds)
+            cols[k] = _json_props_column(vals, kinds, f"props.{k}")
         if bad is not None:
             raise EventError(f"property `{bad[2]}` must be a string, number, bool or null, "
                              f"got {bad[3]}", index=bad[0], field=f"props.{bad[2]}")
@@ -1235,8 +1230,13 @@ class Engine:
         if tss.dtype.kind == "M":
             tss = tss.astype("datetime64[ms]").astype(np.int64)
         elif tss.dtype.kind == "O":
-            tss = np.array([_to_ms(v, "ts", i) for i, v in enumerate(tss.tolist())],
-                           dtype=np.int64)
+            items = tss.tolist()
+            if set(map(type, items)) == {int} and -2 ** 63 <= min(items) and \
+                    max(items) < 2 ** 63:        # JSON / lists of plain ints
+                tss = np.array(items, dtype=np.int64)
+            else:
+                tss = np.array([_to_ms(v, "ts", i) for i, v in enumerate(items)],
+                               dtype=np.int64)
         elif tss.dtype.kind not in "iu":
             raise EventError(f"ts must be int ms or datetime64, got dtype {tss.dtype}",
                              field="ts")
@@ -1443,9 +1443,8 @@ class Engine:
         self._stats["transitions"] += len(out)
         if self._items:
             self._deliver(self._take_firings())
-        if self._held:
-            held, self._held = self._held, []
-            out = [t for b in held for t in b] + out
+        if self._held is not None:
+            out, self._held = list(self._held) + out, None
         return out
 
     def _drain(self, prefix: list, fired: list = ()) -> Transitions:
@@ -1459,9 +1458,8 @@ class Engine:
             fired += self._take_firings()
         if fired:
             self._deliver(fired)
-        if self._held:
-            held, self._held = self._held, []
-            batch = Transitions.concat(held + [batch], names)
+        if self._held is not None:
+            batch, self._held = Transitions.concat([self._held, batch], names), None
         return batch
 
     def _take_firings(self) -> list:
@@ -1822,11 +1820,11 @@ class Engine:
         pol.hist = {k: v for k, v in pol.hist.items() if k[1] != d}
         pol.chan = {k: v for k, v in pol.chan.items() if k[1] != d}
         self._queue = deque(f for f in self._queue if f.user != user)
-        if self._held:
-            b = self._held[0]
+        b = self._held
+        if b is not None:
             keep = b.user != num
-            self._held = [Transitions(b.user[keep], b.segment[keep], b.entered[keep],
-                                      b.ts[keep], b.segment_names, b._strs)]
+            self._held = Transitions(b.user[keep], b.segment[keep], b.entered[keep], b.ts[keep],
+                                     b.segment_names, b._strs)
 
     # ------------------------------------------------------------------ durability
     def _install_log(self) -> None:
@@ -2095,24 +2093,10 @@ def _decode_events(data) -> list:
         raise EventError("the JSON is nested too deeply") from None
 
 
-def _json_column(values: list, fast: tuple, dtype) -> np.ndarray:
-    """A column of decoded JSON values: typed when every value is of one ``fast`` type (and
-    fits), else an object array (validated downstream, row by row)."""
-    n = len(values)
-    if fast and n and set(map(type, values)) <= set(fast):
-        try:
-            return np.array(values, dtype=dtype)
-        except OverflowError:
-            pass
-    arr = np.empty(n, dtype=object)
-    arr[:] = values
-    return arr
-
-
 _EXACT_FLOAT = 2.0 ** 53
 
 
-def _json_props_column(vals: list, kinds: set) -> np.ndarray:
+def _json_props_column(vals: list, kinds: set, field: str) -> np.ndarray:
     """A property column from JSON values: float64 with NaN for absent when every value is a
     number exactly representable as a float (the fast path of ``track_many``), else object."""
     num = kinds - {type(None)}
@@ -2121,10 +2105,10 @@ def _json_props_column(vals: list, kinds: set) -> np.ndarray:
             arr = np.array([np.nan if v is None else v for v in vals] if len(num) < len(kinds)
                            else vals, dtype=np.float64)
         except OverflowError:
-            return _json_column(vals, (), None)
+            return _as_column(vals, len(vals), field)
         if int not in num or not (np.abs(arr[~np.isnan(arr)]) > _EXACT_FLOAT).any():
             return arr
-    return _json_column(vals, (), None)
+    return _as_column(vals, len(vals), field)
 
 
 class _BitmapQuery:

@@ -456,8 +456,8 @@ def _wants_bitmap(accept: str) -> bool:
     for part in accept.split(","):
         media, *params = (p.strip() for p in part.split(";"))
         if media.lower() == "application/octet-stream":
-            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000")
-                           for p in params)
+            q = next((p[2:] for p in params if p.startswith("q=")), "1")
+            return q.strip("0.") != ""          # q=0, 0.0, 0.000 refuse it
     return False
 
 
