@@ -379,6 +379,16 @@ def _where_mask(cond, cols: dict, n: int, cache: dict, rows=None) -> np.ndarray:
     return res[inv] if len(vals) else np.zeros(n, dtype=bool)
 
 
+def _plain_ints(items: list) -> np.ndarray | None:
+    """``items`` as int64 when every one is a plain int that fits, else None."""
+    if not items or set(map(type, items)) != {int}:
+        return None
+    try:
+        return np.array(items, dtype=np.int64)
+    except OverflowError:
+        return None
+
+
 def _as_column(x, n: int, field: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         arr = x
@@ -601,10 +611,8 @@ class Engine:
         """Dense indices for a validated user column; returns (dense or -1, new ids in order)."""
         n = len(users)
         if users.dtype.kind == "O" and n:
-            items = users.tolist()
-            if set(map(type, items)) == {int}:              # JSON / lists of plain ints
-                users = np.array(items, dtype=np.int64) if max(items) < 2**63 and \
-                    min(items) > -2**63 else users
+            typed = _plain_ints(users.tolist())             # JSON / lists of plain ints
+            users = users if typed is None else typed
         if users.dtype.kind in "iu":
             if n and (users.min() < 0 or users.max() >= _U32):
                 bad = int(np.flatnonzero((users < 0) | (users >= _U32))[0])
@@ -1231,12 +1239,9 @@ class Engine:
             tss = tss.astype("datetime64[ms]").astype(np.int64)
         elif tss.dtype.kind == "O":
             items = tss.tolist()
-            if set(map(type, items)) == {int} and -2 ** 63 <= min(items) and \
-                    max(items) < 2 ** 63:        # JSON / lists of plain ints
-                tss = np.array(items, dtype=np.int64)
-            else:
-                tss = np.array([_to_ms(v, "ts", i) for i, v in enumerate(items)],
-                               dtype=np.int64)
+            typed = _plain_ints(items)                      # JSON / lists of plain ints
+            tss = typed if typed is not None else np.array(
+                [_to_ms(v, "ts", i) for i, v in enumerate(items)], dtype=np.int64)
         elif tss.dtype.kind not in "iu":
             raise EventError(f"ts must be int ms or datetime64, got dtype {tss.dtype}",
                              field="ts")
