@@ -11,10 +11,11 @@
 from .engine import Engine, Firing, Transition, Transitions
 from .errors import EventError, RuleError, SegcoreError, SnapshotError
 from .hashing import bucket_of
+from .sharded import ShardedEngine
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Engine", "Transition", "Transitions", "Firing", "SegcoreError", "RuleError", "EventError",
-    "SnapshotError", "bucket_of", "__version__",
+    "SnapshotError", "bucket_of", "ShardedEngine", "__version__",
 ]

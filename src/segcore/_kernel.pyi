@@ -37,6 +37,7 @@ class Kernel:
         fpass: npt.NDArray[np.uint8],
         vals: npt.NDArray[np.float64],
         keys: npt.NDArray[np.int64],
+        clock: npt.NDArray[np.int64] | None = ...,
     ) -> int: ...
     def track_one(
         self,

@@ -1100,17 +1100,29 @@ cdef class Kernel:
     # ------------------------------------------------------------------ public
     def track(self, const uint32_t[::1] uidx not None, const int32_t[::1] ecode not None,
               const int64_t[::1] ts not None, const uint8_t[::1] fpass not None,
-              const double[::1] vals not None, const int64_t[::1] keys not None):
+              const double[::1] vals not None, const int64_t[::1] keys not None,
+              const int64_t[::1] clock=None):
         """Apply events in order (row-major ``fpass``/``vals``/``keys`` with n_filter/n_val/
-        n_key columns). Returns the number of transitions now buffered."""
+        n_key columns). Returns the number of transitions now buffered.
+
+        ``clock`` (optional, one per row) is the time to move to before applying the row when
+        it is later than the row's ``ts`` (a shard applying its part of a batch at the batch's
+        running time)."""
         cdef Py_ssize_t n = uidx.shape[0]
         cdef Py_ssize_t i
         cdef int nf = self.n_filter, nv = self.n_val, nk = self.n_key
         cdef const uint8_t* fp = NULL
         cdef const double* vp = NULL
         cdef const int64_t* kp = NULL
-        if ecode.shape[0] != n or ts.shape[0] != n:
+        if ecode.shape[0] != n or ts.shape[0] != n or (clock is not None and
+                                                       clock.shape[0] != n):
             raise ValueError("track: columns differ in length")
+        cdef const int64_t* ck = NULL
+        if clock is not None and n:
+            ck = &clock[0]
+            for i in range(n):
+                if ck[i] >= (<int64_t>1 << 48):
+                    raise ValueError(f"track: clock {ck[i]} out of range")
         if fpass.shape[0] != n * nf or vals.shape[0] != n * nv or keys.shape[0] != n * nk:
             raise ValueError("track: property columns have the wrong size")
         for i in range(n):
@@ -1132,6 +1144,8 @@ cdef class Kernel:
                     SEGCORE_PREFETCH(self.wake + pu)
                 if ts[i] > self.now:
                     self._advance(ts[i])
+                if ck != NULL and ck[i] > self.now:
+                    self._advance(ck[i])
                 if nf:
                     fp = &fpass[i * nf]
                 if nv:

@@ -36,7 +36,7 @@ from . import rules as R
 from . import wal as _wal
 from ._kernel import IdMap, Kernel
 from .compile import Plan, compile_segments, feature_map
-from .errors import EventError, RuleError, SegcoreError, SnapshotError
+from .errors import EventError, RuleError, SegcoreError, ShardGap, SnapshotError
 from .hashing import bucket_of, buckets_of_ints
 from .triggers import (Firing, Journey, JourneySpec, Policies, StepSpec, TriggerSpec,
                        check_name, parse_max_per)
@@ -462,11 +462,13 @@ class Engine:
         self._held: Transitions | None = None       # caught up by reads, not yet returned
         self._str_num: dict[int, str] = {}
         self._next_str = _U32 - 1
+        self._pins: dict[str, int] = {}             # string id -> number a driver gave it
         # events
         self._codes: dict[str, int] = {}
         self._event_names: list[str] = []
         self._event_counts = np.zeros(16, dtype=np.int64)
         self._values: dict = {}
+        self._value_keys: list = []                 # the keys of _values, in code order
         self._seen_ids: dict = {}
         self._ids_pruned_at = 0
         # profiles
@@ -498,6 +500,10 @@ class Engine:
         self._replay_clock = None
         self._wal_dir = None
         self._wal_seq = 0
+        # calls from a ShardedEngine driver (segcore.sharded): the last applied number and
+        # the results of the latest calls, for a driver that re-sends one
+        self._shard_seq = 0
+        self._shard_results: dict[int, Any] = {}
         if fsync not in _wal.FSYNC_POLICIES:
             raise SegcoreError(f"fsync must be one of {', '.join(_wal.FSYNC_POLICIES)}, got "
                                f"{fsync!r}")
@@ -559,6 +565,7 @@ class Engine:
         c = self._values.get(key)
         if c is None:
             c = self._values[key] = len(self._values)
+            self._value_keys.append(key)
         return c
 
     def _dense_of(self, user) -> int | None:
@@ -652,10 +659,20 @@ class Engine:
             grown[:n0] = self._pub[:n0]
             self._pub = grown
         nums = np.empty(len(new), dtype=np.int64)
+        batch_ints = None
         for i, u in enumerate(new):
             if isinstance(u, str):
+                pin = self._pins.get(u)
+                if pin is not None:         # numbered by a ShardedEngine driver
+                    nums[i] = pin
+                    self._str_num[pin] = u
+                    self._next_str = min(self._next_str, pin - 1)
+                    self._str_dense[u] = n0 + i
+                    continue
+                if batch_ints is None:      # ints created by this same call are taken too
+                    batch_ints = {v for v in new if not isinstance(v, str)}
                 while self._int_dense.get(self._next_str) >= 0 or \
-                        self._next_str in self._str_num:
+                        self._next_str in self._str_num or self._next_str in batch_ints:
                     self._next_str -= 1
                 nums[i] = self._next_str
                 self._str_num[self._next_str] = u
@@ -1252,11 +1269,21 @@ class Engine:
         return tss.astype(np.int64)
 
     def _ingest(self, users, events, tss, cols, ids, single: bool = False,
-                clock_ms: int | None = None) -> Transitions:
-        n = len(users)
+                clock_ms: int | None = None, clock_col: np.ndarray | None = None
+                ) -> Transitions:
         if clock_ms is None:
             clock_ms = self._read_clock()
-        # ---- validate everything before touching any state
+        (col, names, inv, tss, dense, new_users, fpass, vals, keys,
+         keep) = self._check_batch(users, events, tss, cols, ids, single, clock_ms,
+                                   self._resolve_users)
+        return self._apply_batch(users, col, names, inv, tss, dense, new_users, fpass, vals,
+                                 keys, keep, clock_ms, clock_col)
+
+    def _check_batch(self, users, events, tss, cols, ids, single, clock_ms, resolve):
+        """Validate a batch whole (raising EventError) without changing any state but the
+        dedup table (and interned values); ``resolve`` maps the user column to
+        ``(dense or -1, new ids in order)``."""
+        n = len(users)
         col, names = self._event_column(events)
         ecodes, inv = (col, None) if names is None else (None, col)
         tss = self._ts_column(tss)
@@ -1267,7 +1294,7 @@ class Engine:
                 raise EventError(f"`ts` {int(tss[bad])} is more than max_future ahead of the "
                                  f"clock ({clock_ms})", index=None if single else bad,
                                  field="ts")
-        dense, new_users = self._resolve_users(users)
+        dense, new_users = resolve(users)
         if names is not None:
             known = np.array([self._codes.get(nm, -1) for nm in names], dtype=np.int32)
             ecodes_tmp = known[inv] if len(names) else np.zeros(n, np.int32)
@@ -1278,6 +1305,12 @@ class Engine:
         if keep is not None and not keep.all() and new_users:
             kept = set(users[keep].tolist())
             new_users = [u for u in new_users if u in kept]
+        return col, names, inv, tss, dense, new_users, fpass, vals, keys, keep
+
+    def _apply_batch(self, users, col, names, inv, tss, dense, new_users, fpass, vals, keys,
+                     keep, clock_ms, clock_col) -> Transitions:
+        n = len(users)
+        ecodes = col if names is None else None
         # ---- apply
         self._catch_up(clock_ms)
         if names is not None:
@@ -1296,9 +1329,13 @@ class Engine:
             vals = vals.reshape(n, nv)[keep].reshape(-1) if nv else vals
             keys = keys.reshape(n, nk)[keep].reshape(-1) if nk else keys
             self._stats["duplicates"] += len(dups)
+        if clock_col is not None and dups is not None:
+            clock_col = clock_col[keep]
         self._kernel.track(dense.astype(np.uint32), np.ascontiguousarray(ecodes, np.int32),
                            np.ascontiguousarray(tss), np.ascontiguousarray(fpass),
-                           np.ascontiguousarray(vals), np.ascontiguousarray(keys))
+                           np.ascontiguousarray(vals), np.ascontiguousarray(keys),
+                           None if clock_col is None else
+                           np.ascontiguousarray(clock_col, np.int64))
         m = len(dense)
         self._stats["events"] += m
         self._stats["batches"] += 1
@@ -1961,6 +1998,139 @@ class Engine:
             self._log.close()
             self._log = None
 
+    # ------------------------------------------------------------------ shard side
+    # The methods a ShardedEngine driver (segcore.sharded) calls on each shard's engine. Every
+    # change goes through _shard_call, numbered, so that the write-ahead log records it whole
+    # and a re-sent call is recognised.
+    def _shard_call(self, seq: int, method: str, args: list, kwargs: dict):
+        """Apply call number ``seq`` from the driver: ``(result, firings)``. A number already
+        applied is not applied again: it returns the kept result of one of the latest calls,
+        or None. A number past the next raises :class:`ShardGap`."""
+        seq = int(seq)
+        if seq <= self._shard_seq:
+            return self._shard_results.get(seq)
+        if seq != self._shard_seq + 1:
+            raise ShardGap(self._shard_seq)
+        if method not in _SHARD_METHODS:
+            raise SegcoreError(f"`{method}` is not a shard call")
+        prev = self._shard_seq
+        self._shard_seq = seq           # before the call: a forget() checkpoints inside it
+        try:
+            out = getattr(self, method)(*args, **kwargs)
+        except BaseException:
+            self._shard_seq = prev
+            raise
+        if isinstance(out, Transitions):
+            out = (out.user, out.segment, out.entered, out.ts, out.segment_names)
+        res = (out, list(self._queue))
+        self._queue.clear()
+        self._shard_results[seq] = res
+        self._shard_results.pop(seq - 8, None)
+        return res
+
+    def _adopt(self, names, values) -> None:
+        """Take the driver's event codes and interned values, so that codes mean the same on
+        every shard: ``names = (first code, [new names])``, ``values`` likewise."""
+        c0, new_names = names
+        for i, nm in enumerate(new_names):
+            code = self._codes.get(nm)
+            if code is None:
+                code = self._event_code(nm)
+            if code != c0 + i:
+                raise SegcoreError(f"event code of `{nm}` is {code} here, {c0 + i} in the driver")
+        v0, new_values = values
+        for i, (is_s, v) in enumerate(new_values):
+            key = (bool(is_s), v)
+            code = self._values.get(key)
+            if code is None:
+                code = self._values[key] = len(self._values)
+                self._value_keys.append(key)
+            if code != v0 + i:
+                raise SegcoreError(f"value code of {v!r} is {code} here, {v0 + i} in the driver")
+
+    def _shard_batch(self, users, codes, tss, clock, cols, ids, names, values, pins,
+                     end: int) -> Transitions:
+        """This shard's rows of a driver's batch, each applied at the batch's running time
+        ``clock[i]`` (rows validated and deduplicated by the driver; ``ids`` are only
+        remembered), then time moved to ``end``."""
+        self._adopt(names, values)
+        n = len(users)
+        out = Transitions.empty(self._plan.names)
+        if n:
+            self._pins = dict(pins)
+            try:
+                out = self._ingest(
+                    _as_column(users, n, "user"), np.asarray(codes, dtype=np.int32),
+                    np.asarray(tss, dtype=np.int64),
+                    {k: _as_column(v, n, f"props.{k}") for k, v in cols.items()}, None,
+                    clock_col=np.asarray(clock, dtype=np.int64))
+            finally:
+                self._pins = {}
+            if ids is not None:
+                for mid, t in zip(ids, clock):
+                    if mid is not None:
+                        self._remember_id(mid, int(t))
+        if end > self._kernel.now:
+            self._kernel.advance(int(end))
+            out = self._drain([out])
+        return out
+
+    def _shard_op(self, names, values, pins: dict, method: str, args: list, kwargs: dict):
+        """Any other call, after taking the driver's new event codes and values; ``pins`` are
+        the numbers the driver gave string ids this call may create."""
+        if method not in _SHARD_OPS:
+            raise SegcoreError(f"`{method}` is not a shard call")
+        self._adopt(names, values)
+        self._pins = dict(pins)
+        try:
+            return getattr(self, method)(*args, **kwargs)
+        finally:
+            self._pins = {}
+
+    def _shard_export(self, numbers) -> bytes:
+        """The state of the users with these numbers, as snapshot bytes (nothing changes)."""
+        from . import snapshot
+        dense = [self._dense_of(self._str_num.get(int(x), int(x))) for x in numbers]
+        meta, arrays = snapshot.state(self)
+        meta, arrays = snapshot.select(meta, arrays, [d for d in dense if d is not None])
+        return b"".join(snapshot.encode(meta, arrays))
+
+    def _shard_import(self, data: bytes) -> None:
+        """Add the users of :meth:`_shard_export` bytes to this engine (their memberships,
+        timers, traits and trigger histories come with them; nothing is re-evaluated)."""
+        from . import snapshot
+        meta, arrays = snapshot.state(self)
+        mine = (meta, {k: v for k, v in arrays.items() if not k.startswith("bitmap:")})
+        meta, arrays = snapshot.merge(mine, snapshot.parse(bytes(data)))
+        new = snapshot.rebuild(meta, arrays, derive_bitmaps=True)
+        keep = {k: v for k, v in self.__dict__.items() if k in _OWN_ATTRS or k in _LOGGED}
+        fns = {it.name: it.fn for it in self._items if isinstance(it, TriggerSpec)}
+        self.__dict__.update(new.__dict__)
+        self.__dict__.update(keep)
+        for it in self._items:
+            if isinstance(it, TriggerSpec):
+                it.fn = fns.get(it.name)
+
+    def _shard_drop(self, numbers) -> None:
+        """Remove these users (moved to another shard): like forget, without a checkpoint."""
+        for x in numbers:
+            user = self._str_num.get(int(x), int(x))
+            d = self._dense_of(user)
+            if d is not None:
+                self._erase(user, d)
+
+    def _shard_info(self) -> dict:
+        """What a driver recovers from: applied call number, time, numbering and dedup ids."""
+        return {"seq": self._shard_seq, "now": self._kernel.now, "next_str": self._next_str,
+                "str_users": dict(self._str_num), "users": self._pub[
+                    [d for d in range(self._n_users) if d not in self._erased]].copy(),
+                "seen_ids": dict(self._seen_ids), "event_names": list(self._event_names),
+                "values": list(self._value_keys), "segments": dict(self._texts),
+                "stats": dict(self._stats), "caps": dict(self._policies.caps),
+                "triggers": [(it.name, it.segment, it.entered, it.after_ms, it.cooldown_ms,
+                              it.max_per, it.once, it.channel)
+                             for it in self._items if isinstance(it, TriggerSpec)]}
+
     # ------------------------------------------------------------------ snapshots
     def snapshot(self, path_or_file) -> None:
         """Write the engine's whole state (rules, triggers, ids, per-user state, bitmaps,
@@ -1988,8 +2158,14 @@ class Engine:
 
 _DATA_CALLS = {"track", "track_many", "track_json", "advance", "set_traits", "set_traits_many",
                "set_scores", "alias"}
+_SHARD_METHODS = {"_shard_batch", "_shard_op", "_shard_import", "_shard_drop"}
+_SHARD_OPS = {"add_segments", "replace_segment", "remove_segment", "forget", "alias",
+              "set_traits", "set_traits_many", "set_scores", "add_trigger", "cap"}
+_OWN_ATTRS = {"_log", "_replaying", "_wal_depth", "_clock_seen", "_replay_clock", "_wal_dir",
+              "_wal_seq", "_fsync", "_shard_seq", "_shard_results", "_clock"}
 _LOGGED = {"add_segments", "replace_segment", "alias", "remove_segment", "set_traits", "set_traits_many", "set_scores",
-           "advance", "track", "track_many", "track_json", "cap", "journey"}
+           "advance", "track", "track_many", "track_json", "cap", "journey",
+           "_shard_call"}
 
 
 class _TraitStore:

@@ -77,3 +77,15 @@ class EventError(SegcoreError, ValueError):
 
 class SnapshotError(SegcoreError):
     """A snapshot could not be read: truncated, corrupted, or of an unknown version."""
+
+
+class ShardGap(SegcoreError):
+    """A shard was sent call ``n`` but has applied calls only up to ``applied`` (it lost its
+    process and recovered less than the driver sent): the driver re-sends the calls between."""
+
+    def __init__(self, applied: int):
+        super().__init__(f"the shard has applied calls up to {applied}")
+        self.applied = applied
+
+    def __reduce__(self):
+        return (type(self), (self.applied,))

@@ -115,6 +115,7 @@ class Meta(msgspec.Struct, frozen=True):
     chan: list[tuple[str, int, list[int]]]
     queue: list[Any]
     sections: list[Section]
+    shard_seq: int = 0                       # last call applied from a ShardedEngine driver
 
 
 def _fail(reason: str) -> SnapshotError:
@@ -122,31 +123,68 @@ def _fail(reason: str) -> SnapshotError:
 
 
 # ---------------------------------------------------------------- writing
+_KERNEL = (("istate", "i8"), ("fstate", "f8"), ("members", "u1"), ("tbits", "u1"),
+           ("scores", "f8"), ("bucket", "i4"), ("wake", "i8"), ("fresh", "u1"), ("dead", "i8"),
+           ("jpos", "i4"), ("pool_count", "i8"), ("pool_ts", "i8"), ("pool_val", "f8"),
+           ("pool_key", "i8"), ("pool_aux", "i8"))
+_POOL = ("k:pool_ts", "k:pool_val", "k:pool_key", "k:pool_aux")
+_DTYPE_OF = {"k:" + k: d for k, d in _KERNEL} | {"pub": "u4"}
+
+
 def write(eng, target) -> None:
     """Write ``eng``'s state to a path or a binary file object."""
+    meta, arrays = state(eng)
+    chunks = encode(meta, arrays)
+    if isinstance(target, (str, os.PathLike)):
+        tmp = f"{os.fspath(target)}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)       # atomic: a crash leaves the old snapshot or the new one
+    else:
+        for c in chunks:
+            target.write(c)
+
+
+def encode(meta: "Meta", arrays: dict) -> list[bytes]:
+    """The file's chunks for a state: arrays are numpy arrays (dtype from the section name)
+    or, for ``bitmap:*`` sections, bytes."""
+    raw: list[tuple[str, str, bytes]] = []
+    for name, arr in arrays.items():
+        if isinstance(arr, (bytes, bytearray)):
+            raw.append((name, "raw", bytes(arr)))
+        else:
+            dt = _DTYPE_OF[name]
+            raw.append((name, dt, np.ascontiguousarray(arr, dtype=_DTYPES[dt])
+                        .astype(np.dtype(_DTYPES[dt]).newbyteorder("<")).tobytes()))
+    sections, offset = [], 0
+    for name, dtype, data in raw:
+        size = np.dtype(_DTYPES[dtype]).itemsize
+        sections.append(Section(name, dtype, offset, len(data) // size))
+        offset += len(data)
+    meta = msgspec.structs.replace(meta, sections=sections)
+    meta_bytes = msgspec.msgpack.encode(meta)
+    h = hashlib.blake2b(digest_size=_DIGEST)
+    chunks = [_HEAD.pack(MAGIC, VERSION, len(meta_bytes)), meta_bytes] + [a[2] for a in raw]
+    for c in chunks:
+        h.update(c)
+    chunks.append(h.digest())
+    return chunks
+
+
+def state(eng) -> tuple["Meta", dict]:
+    """An engine's state as (metadata, arrays), the arrays as numpy copies and the bitmaps
+    in roaring's portable format."""
     from .engine import _plain
     from .triggers import JourneySpec, TriggerSpec
 
     ks = eng._kernel.export_state()
-    arrays: list[tuple[str, str, bytes]] = []
-
-    def add(name: str, dtype: str, arr: np.ndarray) -> None:
-        arrays.append((name, dtype, np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
-                       .astype(np.dtype(_DTYPES[dtype]).newbyteorder("<")).tobytes()))
-
-    for name, dtype in (("istate", "i8"), ("fstate", "f8"), ("members", "u1"), ("tbits", "u1"),
-                        ("scores", "f8"), ("bucket", "i4"), ("wake", "i8"), ("fresh", "u1"),
-                        ("dead", "i8"), ("jpos", "i4"), ("pool_count", "i8"), ("pool_ts", "i8"),
-                        ("pool_val", "f8"), ("pool_key", "i8"), ("pool_aux", "i8")):
-        add("k:" + name, dtype, ks[name])
-    add("pub", "u4", eng._pub[: eng._n_users])
+    arrays: dict[str, Any] = {"k:" + name: ks[name] for name, _ in _KERNEL}
+    arrays["pub"] = eng._pub[: eng._n_users].copy()
     for name in eng._asts:
-        arrays.append(("bitmap:" + name, "raw", eng._bitmaps[name].serialize()))
-    sections, offset = [], 0
-    for name, dtype, data in arrays:
-        size = np.dtype(_DTYPES[dtype]).itemsize
-        sections.append(Section(name, dtype, offset, len(data) // size))
-        offset += len(data)
+        arrays["bitmap:" + name] = eng._bitmaps[name].serialize()
     items, kinds = [], []
     for it in eng._items:
         if isinstance(it, TriggerSpec):
@@ -180,25 +218,10 @@ def write(eng, target) -> None:
         hist=sorted((k[0], k[1], list(q)) for k, q in pol.hist.items()),
         chan=sorted((k[0], k[1], list(q)) for k, q in pol.chan.items()),
         queue=list(eng._queue),
-        sections=sections,
+        sections=[],
+        shard_seq=eng._shard_seq,
     )
-    meta_bytes = msgspec.msgpack.encode(meta)
-    h = hashlib.blake2b(digest_size=_DIGEST)
-    chunks = [_HEAD.pack(MAGIC, VERSION, len(meta_bytes)), meta_bytes] + [a[2] for a in arrays]
-    for c in chunks:
-        h.update(c)
-    chunks.append(h.digest())
-    if isinstance(target, (str, os.PathLike)):
-        tmp = f"{os.fspath(target)}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)       # atomic: a crash leaves the old snapshot or the new one
-    else:
-        for c in chunks:
-            target.write(c)
+    return meta, arrays
 
 
 def _text(ast) -> str:
@@ -230,7 +253,25 @@ def _read_bytes(source) -> bytes:
 
 def read(source, *, clock=None, callbacks=None):
     """Restore an engine from a path, bytes, or a binary file object."""
-    data = _read_bytes(source)
+    meta, arrays = parse(_read_bytes(source))
+    return rebuild(meta, arrays, clock=clock, callbacks=callbacks)
+
+
+def rebuild(meta: "Meta", arrays: dict, *, clock=None, callbacks=None,
+            derive_bitmaps: bool = False):
+    """An engine from (metadata, arrays); every inconsistency is a SnapshotError. With
+    ``derive_bitmaps`` the segment bitmaps are computed from the kernel's member bits
+    (a state assembled by :func:`select` / :func:`merge` has none)."""
+    try:
+        return _rebuild(meta, arrays, clock, callbacks, derive_bitmaps)
+    except SnapshotError:
+        raise
+    except (SegcoreError, ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+        raise _fail(f"inconsistent state ({type(e).__name__}: {e})") from None
+
+
+def parse(data: bytes) -> tuple["Meta", dict]:
+    """Check a snapshot's framing and digest and decode it into (metadata, arrays)."""
     if len(data) < _HEAD.size + _DIGEST:
         raise _fail(f"truncated ({len(data)} bytes)")
     magic, version, meta_len = _HEAD.unpack_from(data, 0)
@@ -262,15 +303,10 @@ def read(source, *, clock=None, callbacks=None):
             arrays[sec.name] = np.frombuffer(
                 raw, dtype=np.dtype(_DTYPES[sec.dtype]).newbyteorder("<")).astype(
                 _DTYPES[sec.dtype])
-    try:
-        return _rebuild(meta, arrays, clock, callbacks)
-    except SnapshotError:
-        raise
-    except (SegcoreError, ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
-        raise _fail(f"inconsistent state ({type(e).__name__}: {e})") from None
+    return meta, arrays
 
 
-def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
+def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     from pyroaring import BitMap
 
     from . import rules as R
@@ -371,6 +407,10 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
         if is_s != isinstance(v, str):
             raise _fail("bad interned value")
         eng._values[(is_s, v)] = len(eng._values)
+    eng._value_keys = list(eng._values)
+    if len(eng._value_keys) != len(meta.values):
+        raise _fail("an interned value appears twice")
+    eng._shard_seq = meta.shard_seq
     eng._seen_ids = dict(meta.seen_ids)
     eng._stats.update({k: int(v) for k, v in meta.stats.items() if k in eng._stats})
     # profiles
@@ -402,15 +442,18 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks):
     eng._bitmaps = {}
     for name in asts:
         raw = arrays.get("bitmap:" + name)
+        col = plan.names.index(name)
+        want = BitMap(pub[(members[:, col] != 0) & alive].astype(np.uint32)) if n else \
+            BitMap()
+        if raw is None and derive_bitmaps:
+            eng._bitmaps[name] = want
+            continue
         if raw is None:
             raise _fail(f"bitmap of `{name}` is missing")
         try:
             bm = BitMap.deserialize(raw)
         except Exception:  # noqa: BLE001 - pyroaring raises various errors on bad input
             raise _fail(f"bitmap of `{name}` is corrupted") from None
-        col = plan.names.index(name)
-        want = BitMap(pub[(members[:, col] != 0) & alive].astype(np.uint32)) if n else \
-            BitMap()
         if bm != want:
             raise _fail(f"bitmap of `{name}` disagrees with the kernel state")
         eng._bitmaps[name] = bm
@@ -421,3 +464,118 @@ def to_bytes(eng) -> bytes:
     buf = io.BytesIO()
     write(eng, buf)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- moving users between engines
+def _strides(meta: Meta, arrays: dict, other: dict | None = None) -> dict[str, int]:
+    """Elements per user of every per-user section (taken from ``other`` when this state has
+    no users to divide by)."""
+    n = meta.n_users
+    out = {}
+    for name, arr in arrays.items():
+        if name in _POOL or name.startswith("bitmap:"):
+            continue
+        if n:
+            if len(arr) % n:
+                raise _fail(f"section `{name}` is not a whole number of users")
+            out[name] = len(arr) // n
+        elif other is not None and name in other:
+            out[name] = other[name]
+        else:
+            out[name] = 0
+    return out
+
+
+def _pool_rows(counts: np.ndarray, n_var: int, rows: np.ndarray) -> np.ndarray:
+    """Indices into the pool entry arrays of the pools of users ``rows`` (in order)."""
+    if not n_var or not len(rows):
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    per = counts.reshape(-1, n_var)[rows].reshape(-1)
+    st = starts.reshape(-1, n_var)[rows].reshape(-1)
+    if not per.sum():
+        return np.zeros(0, np.int64)
+    rep = np.repeat(st - np.concatenate(([0], np.cumsum(per)[:-1])), per)
+    return np.arange(int(per.sum()), dtype=np.int64) + rep
+
+
+def select(meta: Meta, arrays: dict, rows) -> tuple[Meta, dict]:
+    """The state of users ``rows`` (dense slots of live users) alone, numbered 0..k-1: their
+    kernel state, ids, traits, scores, trigger histories and queued firings. Rules, event
+    types and interned values stay whole; counters, dedup ids and bitmaps are left out."""
+    n = meta.n_users
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n or set(rows.tolist()) & set(meta.erased)):
+        raise _fail("select: a row is not a live user")
+    strides = _strides(meta, arrays)
+    out: dict[str, Any] = {}
+    for name, k in strides.items():
+        out[name] = arrays[name].reshape(n, k)[rows].reshape(-1) if n else arrays[name]
+    n_var = strides.get("k:pool_count", 0)
+    take = _pool_rows(arrays["k:pool_count"], n_var, rows) if n else np.zeros(0, np.int64)
+    for name in _POOL:
+        out[name] = arrays[name][take]
+    remap = {int(d): i for i, d in enumerate(rows.tolist())}
+    pub = out["pub"]
+    nums = set(pub.tolist())
+    strs = [(num, sid) for num, sid in meta.str_users if num in nums]
+    ids = {sid for _, sid in strs} | {int(x) for x in pub.tolist()} - {num for num, _ in strs}
+    sub = msgspec.structs.replace(
+        meta, n_users=len(rows), erased=[], str_users=strs,
+        event_counts=[0] * len(meta.event_counts), stats={k: 0 for k in meta.stats},
+        seen_ids=[],
+        traits={k: [v[d] for d in rows.tolist()] for k, v in meta.traits.items()},
+        scores=[(remap[d], sc) for d, sc in meta.scores if d in remap],
+        once=[(a, remap[d]) for a, d in meta.once if d in remap],
+        last=[(a, remap[d], t) for a, d, t in meta.last if d in remap],
+        hist=[(a, remap[d], q) for a, d, q in meta.hist if d in remap],
+        chan=[(a, remap[d], q) for a, d, q in meta.chan if d in remap],
+        queue=[f for f in meta.queue if _firing_user(f) in ids],
+        sections=[], shard_seq=0)
+    return sub, out
+
+
+def _firing_user(f):
+    return f.get("user") if isinstance(f, dict) else getattr(f, "user", None)
+
+
+def merge(a: tuple[Meta, dict], b: tuple[Meta, dict]) -> tuple[Meta, dict]:
+    """``a``'s state with ``b``'s users added after its own. Both must share rules, triggers,
+    event types and interned values (the shards of one ShardedEngine do), and no user."""
+    ma, xa = a
+    mb, xb = b
+    for field in ("segments", "hidden", "items", "item_kinds", "event_names", "values"):
+        if getattr(ma, field) != getattr(mb, field):
+            raise _fail(f"merge: the two states differ in `{field}`")
+    na, nb = ma.n_users, mb.n_users
+    sa, sb = _strides(ma, xa, None), None
+    sb = _strides(mb, xb, sa)
+    sa = _strides(ma, xa, sb)
+    if sa != sb:
+        raise _fail("merge: the kernel layouts differ")
+    out: dict[str, Any] = {}
+    for name in sa:
+        out[name] = np.concatenate([xa[name], xb[name]])
+    for name in _POOL:
+        out[name] = np.concatenate([xa[name], xb[name]])
+    nums_a = {num for num, _ in ma.str_users}
+    if nums_a & {num for num, _ in mb.str_users}:
+        raise _fail("merge: a user number is in both states")
+    names = list(dict.fromkeys([*ma.traits, *mb.traits]))
+    traits = {k: list(ma.traits.get(k, [None] * na)) + list(mb.traits.get(k, [None] * nb))
+              for k in names}
+    seen = dict(ma.seen_ids)
+    for k, t in mb.seen_ids:
+        seen.setdefault(k, t)
+    merged = msgspec.structs.replace(
+        ma, n_users=na + nb, now=max(ma.now, mb.now), next_str=min(ma.next_str, mb.next_str),
+        str_users=sorted(ma.str_users + mb.str_users), traits=traits,
+        seen_ids=list(seen.items()),
+        scores=ma.scores + [(d + na, sc) for d, sc in mb.scores],
+        once=ma.once + [(x, d + na) for x, d in mb.once],
+        last=ma.last + [(x, d + na, t) for x, d, t in mb.last],
+        hist=ma.hist + [(x, d + na, q) for x, d, q in mb.hist],
+        chan=ma.chan + [(x, d + na, q) for x, d, q in mb.chan],
+        queue=ma.queue + mb.queue, sections=[])
+    return merged, out
