@@ -82,6 +82,10 @@ def _logged(method):
             out = method(self, *args, **kwargs)
         finally:
             self._wal_depth -= 1
+        if name == "_shard_call" and args[1:2] == ("_shard_op",) and args[2][3] == "forget":
+            # forget() checkpointed inside the call: the snapshot holds its number, so the
+            # record needs no arguments (and must not name the user)
+            args, kwargs = (args[0], "_shard_op", [], {}), {}
         self._log.append(_wal.Call(name, _plain(list(args)), _plain(kwargs), self._clock_seen))
         return out
     return wrapper

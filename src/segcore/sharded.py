@@ -683,6 +683,8 @@ class ShardedEngine:
             ecodes = codes[inv] if len(names) else np.zeros(n, np.int32)
         else:
             ecodes = col
+        if keep is not None:
+            sch._stats["duplicates"] += int(n - keep.sum())
         nums, new = got["nums"], got["new"]
         obj = new is not None                   # ids given one by one (strings among them)
         kept = np.ones(n, bool) if keep is None else keep
