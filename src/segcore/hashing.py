@@ -56,7 +56,7 @@ _SLOT_SALT = 0x5E6C0E5A17ED5107
 def slot_of(user: int | str, n_slots: int) -> int:
     """The slot (``0 .. n_slots - 1``) of a user id in a :class:`segcore.ShardedEngine`.
 
-    >>> slot_of(42, 4096) == slots_of_ints(np.array([42]), 4096)[0]
+    >>> slot_of(42, 4096) == int(slots_of_ints(np.array([42]), 4096)[0])
     True
     """
     return _splitmix64(_key(user) ^ _SLOT_SALT) % n_slots

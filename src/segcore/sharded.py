@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -160,6 +161,11 @@ class _Ray:
     name = "ray"
 
     def __init__(self, spec: list[tuple], actor_options: dict | None):
+        if "ray" not in sys.modules:
+            # a Ray this engine starts is a one-machine Ray: its servers listen on the
+            # loopback interface only (Ray's own switch; a cluster is joined with ray.init
+            # before creating the engine)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import ray
         except ImportError:                              # pragma: no cover - extra missing
