@@ -291,7 +291,7 @@ def test_a_shard_killed_mid_stream_loses_nothing_and_counts_nothing_twice(tmp_pa
         batches[0] += 1
         if batches[0] % 3 == 0 and len(kills) < 6:
             k = len(kills) % 3
-            sharded._backend.kill(k)
+            sharded.kill_shard(k)
             if len(kills) % 2:
                 # and its machine: the log's tail since the last checkpoint never hit the
                 # disk; the driver re-sends those calls
@@ -458,6 +458,13 @@ def test_move_slots_arguments_are_checked():
         sharded.move_slots([0], 2)
     with pytest.raises(segcore.SegcoreError, match="slots must be in"):
         sharded.move_slots([4], 0)
+    with pytest.raises(segcore.SegcoreError, match="shard index"):
+        sharded.kill_shard(2)
+    assert sharded.actors == []
+    sharded.track(1, "e", ts=1)
+    sharded.kill_shard(sharded._shard_of(1))      # no data_dir: nothing to recover from
+    with pytest.raises(segcore.SegcoreError, match="no data directory"):
+        sharded.track(1, "e", ts=2)
     assert sharded.move_slots([0, 1], 0) == 0
 
 

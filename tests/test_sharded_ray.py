@@ -33,8 +33,7 @@ def test_ray_shards_match_one_engine_through_a_killed_actor_and_a_move(ray_local
     setup(single, sharded)
     for name, eng in (("single", single), ("sharded", sharded)):
         eng.on_enter("c3", fired[name].append, after="20ms", name="hot")
-    pids = [
-        ray.get(a.read.remote("pid", [])) for a in sharded._backend.actors]
+    pids = [ray.get(a.read.remote("pid", [])) for a in sharded.actors]
     assert len(set(pids)) == 2 and os.getpid() not in pids
     u, e, ts, props = _bulk_stream(rng, 900)
     for n, start in enumerate(range(0, len(u), 60)):
@@ -44,7 +43,9 @@ def test_ray_shards_match_one_engine_through_a_killed_actor_and_a_move(ray_local
         tb = sharded.track_many(user=u[sl], event=e[sl], ts=ts[sl], props=cols)
         same(single, sharded, ta, tb, f"batch {n}")
         if n == 4:
-            sharded._backend.kill(0)           # SIGKILL the actor's process
+            sharded.kill_shard(0)              # SIGKILL the actor's process: Ray restarts it
+        if n == 6:
+            ray.kill(sharded.actors[1])        # dead for good: the driver starts a new one
         if n == 8:
             before = sharded.sizes()
             assert sharded.move_slots(range(8), 1) > 0
@@ -53,7 +54,7 @@ def test_ray_shards_match_one_engine_through_a_killed_actor_and_a_move(ray_local
             t = single.now + 25
             same(single, sharded, single.advance(t), sharded.advance(t))
     same(single, sharded, single.advance(single.now + 1000), sharded.advance(sharded.now + 1000))
-    assert sharded.stats()["driver_recoveries"] == 1
+    assert sharded.stats()["driver_recoveries"] == 2
     assert sharded.stats()["events"] == single.stats()["events"]
     key = lambda f: (f.ts, str(f.user))  # noqa: E731
     assert sorted(fired["sharded"], key=key) == sorted(fired["single"], key=key)

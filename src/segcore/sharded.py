@@ -193,21 +193,22 @@ class _Ray:
             raise _Lost() from None
 
     def restart(self, k: int) -> None:
-        """Wait until Ray has brought the actor back (its constructor reopens the data)."""
+        """Wait until Ray has brought the actor back (its constructor reopens the data); an
+        actor that is dead for good (``ray.kill``, restarts used up) is started anew on the
+        same directory."""
+        exc = self.ray.exceptions
         deadline = time.monotonic() + 120
         while True:
             try:
                 self.ray.get(self.actors[k].read.remote("pid", []), timeout=30)
                 return
-            except self.ray.exceptions.RayActorError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-            except (self.ray.exceptions.ActorUnavailableError,
-                    self.ray.exceptions.GetTimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+            except (exc.ActorUnavailableError, exc.GetTimeoutError):
+                pass                                  # Ray is restarting it
+            except exc.RayActorError:
+                self.actors[k] = self.cls.remote(*self.spec[k])
+            if time.monotonic() > deadline:
+                raise SegcoreError(f"shard {k} did not come back within 120 s")
+            time.sleep(0.2)
 
     def kill(self, k: int) -> None:
         import signal
@@ -436,6 +437,19 @@ class ShardedEngine:
             except Exception:  # noqa: BLE001 - a callback must never stop ingestion
                 self._stats["callback_errors"] += 1
                 log.exception("segcore: callback %r for %s failed", fn, f)
+
+    def kill_shard(self, k: int) -> None:
+        """Kill shard ``k``'s process, for fault-injection tests: SIGKILL of its Ray actor's
+        process (Ray restarts it); on the local backend its in-memory engine is dropped. The
+        next call reopens it from ``data_dir`` and re-sends what it lacks."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.n_shards:
+            raise SegcoreError(f"k must be a shard index in 0..{self.n_shards - 1}")
+        self._backend.kill(k)
+
+    @property
+    def actors(self) -> list:
+        """The shards' Ray actor handles (``backend="ray"``; empty for ``"local"``)."""
+        return list(getattr(self._backend, "actors", []))
 
     # ------------------------------------------------------------------ time
     def _read_clock(self) -> int | None:
