@@ -145,6 +145,14 @@ def test_users_are_spread_and_numbered_as_in_one_engine():
     assert single.members("x") == sharded.members("x")
     with pytest.raises(segcore.EventError, match="already given to string id"):
         sharded.track(single.user_number("u1"), "e", ts=301)
+    # a rejected call for a new string id uses no number
+    for eng in (single, sharded):
+        with pytest.raises(segcore.EventError, match="finite number"):
+            eng.set_scores("zed", {"churn": float("nan")})
+        with pytest.raises(segcore.EventError, match="mapping"):
+            eng.set_traits("zed", ["not", "a", "mapping"])
+        eng.set_traits("zed", {"country": "SE"})
+    assert single.user_number("zed") == sharded.user_number("zed")
 
 
 def test_message_ids_are_deduplicated_globally():

@@ -758,17 +758,15 @@ class ShardedEngine:
         clock_ms = self._read_clock()
         user = self._check_user(user)
         self._catch_up(clock_ms)
-        pins = {}
+        pins, saved = {}, self._next_str
         if isinstance(user, str) and user not in self._num_of:
             pins = self._alloc([user])
-            saved = self._next_str + 1
         k = self._shard_of(user)
         try:
             res = self._run({k: ("_shard_op", [*self._deltas(k), pins, method, [user, *args],
                                                {}], {})})
         except Exception:
-            if pins:
-                self._next_str = saved + len(pins) - 1
+            self._next_str = saved              # the number was not used
             raise
         self._adopt_users(pins, [] if isinstance(user, str) or user in self._all else [user])
         return list(self._collect([res[k]]))
