@@ -433,9 +433,17 @@ def test_moving_slots_keeps_memberships_timers_and_triggers(tmp_path):
     counts = [s["users"] for s in sharded.stats()["shards"]]
     assert sum(counts) == len(single._all)
     sharded.close()
-    again = segcore.ShardedEngine.open(tmp_path / "d")
+    with pytest.raises(segcore.SegcoreError, match="unknown triggers: `nope`"):
+        segcore.ShardedEngine.open(tmp_path / "d", callbacks={"nope": print})
+    again = segcore.ShardedEngine.open(tmp_path / "d", callbacks={"t": fired["sharded"].append})
     assert (again.slot_owner() == sharded.slot_owner()).all()
     same(single, again, [], [])
+    n = len(fired["sharded"])
+    for eng in (single, again):               # the callback is called again after open
+        eng.track_many(user=[0, 0, 0], event=["buy"] * 3, ts=[eng.now + 100] * 3)
+        eng.advance(eng.now + 50)
+    assert len(fired["sharded"]) == n + 1
+    assert fired["sharded"][-1] == fired["single"][-1]
 
 
 def test_a_move_cut_short_is_completed_on_open(tmp_path):

@@ -1107,26 +1107,43 @@ class ShardedEngine:
             json.dump(self._layout(), f)
 
     @classmethod
-    def restore(cls, directory, backend: str = "local", **kwargs) -> "ShardedEngine":
-        """A ShardedEngine from :meth:`snapshot`'s directory (``data_dir=`` to log anew)."""
+    def restore(cls, directory, backend: str = "local", *, callbacks=None,
+                **kwargs) -> "ShardedEngine":
+        """A ShardedEngine from :meth:`snapshot`'s directory (``data_dir=`` to log anew);
+        ``callbacks`` maps trigger names to their functions, as for :meth:`open`."""
         directory = os.path.abspath(os.fspath(directory))
         layout = _read_layout(directory)
         layout["restore"] = directory
-        return cls._from_layout(layout, backend, kwargs)
+        return cls._from_layout(layout, backend, kwargs, callbacks)
 
     @classmethod
-    def open(cls, data_dir, backend: str = "local", **kwargs) -> "ShardedEngine":
-        """Reopen a ShardedEngine from its data directory (each shard: snapshot + log)."""
+    def open(cls, data_dir, backend: str = "local", *, callbacks=None,
+             **kwargs) -> "ShardedEngine":
+        """Reopen a ShardedEngine from its data directory (each shard: snapshot + log).
+        ``callbacks`` maps trigger names to the functions to call again (triggers without
+        one keep queueing their firings for :meth:`drain_firings`)."""
         data_dir = os.path.abspath(os.fspath(data_dir))
         layout = _read_layout(data_dir)
-        return cls._from_layout(layout, backend, {**kwargs, "data_dir": data_dir})
+        return cls._from_layout(layout, backend, {**kwargs, "data_dir": data_dir}, callbacks)
 
     @classmethod
-    def _from_layout(cls, layout: dict, backend: str, kwargs: dict) -> "ShardedEngine":
+    def _from_layout(cls, layout: dict, backend: str, kwargs: dict,
+                     callbacks=None) -> "ShardedEngine":
         opts = layout["options"]
-        return cls(layout["n_shards"], None, backend, slots=layout["slots"],
-                   max_future=opts["max_future"], seed=opts["seed"],
-                   dedup_horizon=opts["dedup_horizon"], _layout=layout, **kwargs)
+        eng = cls(layout["n_shards"], None, backend, slots=layout["slots"],
+                  max_future=opts["max_future"], seed=opts["seed"],
+                  dedup_horizon=opts["dedup_horizon"], _layout=layout, **kwargs)
+        unknown = sorted(set(callbacks or {}) - set(eng._fns))
+        if unknown:
+            eng.close()
+            raise SegcoreError("callbacks for unknown triggers: "
+                               + ", ".join(f"`{k}`" for k in unknown))
+        for name, fn in (callbacks or {}).items():
+            if not callable(fn):
+                eng.close()
+                raise SegcoreError("a callback must be callable")
+            eng._fns[name] = fn
+        return eng
 
     def _recover_driver(self) -> None:
         """Rebuild the driver's state from the shards: rules, triggers, event codes, values,
