@@ -487,10 +487,11 @@ def test_move_slots_arguments_are_checked():
 def test_a_shard_host_reopens_its_directory(tmp_path):
     host = ShardHost(str(tmp_path / "s"), "always", {})
     host.call(1, "_shard_op", [(0, []), (0, []), {}, "add_segments", [{"x": "did(e)"}], {}], {})
-    host.call(2, "_shard_batch", [[5], [0], [10], [10], {}, None, (0, ["e"]), (0, []), {}, 10],
-              {})
+    host.call(2, "_shard_batch", [[5], [0], [10], [10], [[], [], []], None, (0, ["e"]),
+                                  (0, []), {}, 10], {})
     with pytest.raises(segcore.SegcoreError, match="applied calls up to 2"):
-        host.call(4, "_shard_batch", [[], [], [], [], {}, None, (1, []), (0, []), {}, 11], {})
+        host.call(4, "_shard_batch", [[], [], [], [], [[], [], []], None, (1, []), (0, []), {},
+                                      11], {})
     with pytest.raises(segcore.SegcoreError, match="not a shard call"):
         host.call(3, "snapshot", [], {})
     again = ShardHost(str(tmp_path / "s"), "always", {})

@@ -17,6 +17,7 @@ A story in four calls:
 from __future__ import annotations
 
 import array
+import contextlib
 import datetime as _dt
 import functools
 import logging
@@ -78,14 +79,15 @@ def _logged(method):
             return method(self, *args, **kwargs)
         self._wal_depth += 1
         self._clock_seen = None
+        checkpoints = self._wal_seq
         try:
             out = method(self, *args, **kwargs)
         finally:
             self._wal_depth -= 1
-        if name == "_shard_call" and args[1:2] == ("_shard_op",) and args[2][3] == "forget":
-            # forget() checkpointed inside the call: the snapshot holds its number, so the
-            # record needs no arguments (and must not name the user)
-            args, kwargs = (args[0], "_shard_op", [], {}), {}
+        if self._wal_seq != checkpoints:
+            # the call ended with a checkpoint (forget() does, so that no file keeps the
+            # user): the snapshot holds its effect, and a record would repeat the user's id
+            return out
         self._log.append(_wal.Call(name, _plain(list(args)), _plain(kwargs), self._clock_seen))
         return out
     return wrapper
@@ -1092,12 +1094,7 @@ class Engine:
         if clock_ms is not None and t > clock_ms + self._max_future_ms:
             raise EventError(f"`ts` {t} is more than max_future ahead of the clock "
                              f"({clock_ms})", field="ts")
-        for k, v in props.items():
-            if not isinstance(k, str):
-                raise EventError("property names must be strings", field="props")
-            if not (v is None or isinstance(v, (str, int, float, np.generic))):
-                raise EventError(f"property `{k}` must be a string, number, bool or None, got "
-                                 f"{type(v).__name__}", field=f"props.{k}")
+        _check_props(props)
         filters, vals, keys = self._event_inputs(event)
         for j, p in vals:
             v = props.get(p)
@@ -1176,58 +1173,12 @@ class Engine:
         The batch is validated whole first: a bad row raises :class:`EventError` with its
         ``index`` and ``field`` and nothing is applied.
         """
-        if user is None or event is None or ts is None:
-            raise EventError("user, event and ts columns are required",
-                             field="user" if user is None else "event" if event is None
-                             else "ts")
-        try:
-            n = len(user)
-        except TypeError:
-            raise EventError("`user` must be a column (array or list)", field="user") from None
-        users = _as_column(user, n, "user")
-        events = _as_column(event, n, "event")
-        tss = _as_column(ts, n, "ts")
-        if props is not None and not isinstance(props, Mapping):
-            raise EventError("props must be a mapping of name -> column", field="props")
-        cols = {}
-        for k, v in (props or {}).items():
-            if not isinstance(k, str):
-                raise EventError("property names must be strings", field="props")
-            cols[k] = _as_column(v, n, f"props.{k}")
-        ids = None if id is None else _as_column(id, n, "id")
-        return self._ingest(users, events, tss, cols, ids)
+        return self._ingest(*_batch_columns(user, event, ts, props, id))
 
     def track_json(self, data: bytes | str) -> Transitions:
         """Track a JSON array of ``{"user", "event", "ts", "props"?, "id"?}`` objects
         (``ts`` in ms or ISO 8601); same contract as :meth:`track_many`."""
-        rows = _decode_events(data)
-        n = len(rows)
-        users = _as_column([r.user for r in rows], n, "user")
-        events = _as_column([r.event for r in rows], n, "event")
-        tss = _as_column([r.ts for r in rows], n, "ts")
-        id_list = [r.id for r in rows]
-        ids = _as_column(id_list, n, "id") if id_list.count(None) < n else None
-        plist = [r.props for r in rows]
-        keys: dict[str, None] = {}
-        for p in plist:
-            if p:
-                keys.update(dict.fromkeys(p))
-        cols: dict[str, np.ndarray] = {}
-        bad: tuple[int, int, str, str] | None = None
-        for k in keys:
-            vals = [p.get(k) if p else None for p in plist]
-            kinds = set(map(type, vals))
-            if dict in kinds or list in kinds:
-                i = next(i for i, v in enumerate(vals) if isinstance(v, (dict, list)))
-                order = list(plist[i]).index(k)
-                if bad is None or (i, order) < bad[:2]:
-                    bad = (i, order, k, type(vals[i]).__name__)
-                continue
-            cols[k] = _json_props_column(vals, kinds, f"props.{k}")
-        if bad is not None:
-            raise EventError(f"property `{bad[2]}` must be a string, number, bool or null, "
-                             f"got {bad[3]}", index=bad[0], field=f"props.{bad[2]}")
-        return self._ingest(users, events, tss, cols, ids)
+        return self._ingest(*_json_columns(data))
 
     def _event_column(self, events: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
         """Validated event column: ``(codes, None)`` for int codes, ``(inverse, names)`` for
@@ -2037,39 +1988,35 @@ class Engine:
         every shard: ``names = (first code, [new names])``, ``values`` likewise."""
         c0, new_names = names
         for i, nm in enumerate(new_names):
-            code = self._codes.get(nm)
-            if code is None:
-                code = self._event_code(nm)
+            code = self._event_code(nm)
             if code != c0 + i:
                 raise SegcoreError(f"event code of `{nm}` is {code} here, {c0 + i} in the driver")
         v0, new_values = values
-        for i, (is_s, v) in enumerate(new_values):
-            key = (bool(is_s), v)
-            code = self._values.get(key)
-            if code is None:
-                code = self._values[key] = len(self._values)
-                self._value_keys.append(key)
+        for i, (_, v) in enumerate(new_values):
+            code = self._value_code(v)
             if code != v0 + i:
                 raise SegcoreError(f"value code of {v!r} is {code} here, {v0 + i} in the driver")
 
-    def _shard_batch(self, users, codes, tss, clock, cols, ids, names, values, pins,
+    def _shard_batch(self, users, codes, tss, clock, inputs, ids, names, values, pins,
                      end: int) -> Transitions:
         """This shard's rows of a driver's batch, each applied at the batch's running time
-        ``clock[i]`` (rows validated and deduplicated by the driver; ``ids`` are only
-        remembered), then time moved to ``end``."""
+        ``clock[i]``, then time moved to ``end``. The driver has validated and deduplicated
+        the rows and computed what the kernel reads of their properties: ``inputs`` are the
+        rows' filter bits, values and key codes (the shard's plan is the driver's); ``ids``
+        are only remembered."""
         self._adopt(names, values)
         n = len(users)
         out = Transitions.empty(self._plan.names)
         if n:
-            self._pins = dict(pins)
-            try:
-                out = self._ingest(
-                    _as_column(users, n, "user"), np.asarray(codes, dtype=np.int32),
-                    np.asarray(tss, dtype=np.int64),
-                    {k: _as_column(v, n, f"props.{k}") for k, v in cols.items()}, None,
-                    clock_col=np.asarray(clock, dtype=np.int64))
-            finally:
-                self._pins = {}
+            users = _as_column(users, n, "user")
+            fpass, vals, keys = (np.asarray(a, dtype=dt) for a, dt in
+                                 zip(inputs, (np.uint8, np.float64, np.int64)))
+            with self._pinned(pins):
+                dense, new = self._resolve_users(users)
+                out = self._apply_batch(users, np.asarray(codes, dtype=np.int32), None, None,
+                                        np.asarray(tss, dtype=np.int64), dense, new, fpass,
+                                        vals, keys, None, None,
+                                        np.asarray(clock, dtype=np.int64))
             if ids is not None:
                 for mid, t in zip(ids, clock):
                     if mid is not None:
@@ -2085,9 +2032,15 @@ class Engine:
         if method not in _SHARD_OPS:
             raise SegcoreError(f"`{method}` is not a shard call")
         self._adopt(names, values)
+        with self._pinned(pins):
+            return getattr(self, method)(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _pinned(self, pins: dict):
+        """String ids created inside get the numbers the driver gave them."""
         self._pins = dict(pins)
         try:
-            return getattr(self, method)(*args, **kwargs)
+            yield
         finally:
             self._pins = {}
 
@@ -2126,8 +2079,8 @@ class Engine:
     def _shard_info(self) -> dict:
         """What a driver recovers from: applied call number, time, numbering and dedup ids."""
         return {"seq": self._shard_seq, "now": self._kernel.now, "next_str": self._next_str,
-                "str_users": dict(self._str_num), "users": self._pub[
-                    [d for d in range(self._n_users) if d not in self._erased]].copy(),
+                "str_users": dict(self._str_num),
+                "users": np.asarray(self._all.to_array(), dtype=np.int64),
                 "seen_ids": dict(self._seen_ids), "event_names": list(self._event_names),
                 "values": list(self._value_keys), "segments": dict(self._texts),
                 "stats": dict(self._stats), "caps": dict(self._policies.caps),
@@ -2254,6 +2207,73 @@ class _EventRow(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _rows_decoder = msgspec.json.Decoder(list[_EventRow])
+
+
+def _batch_columns(user, event, ts, props, id) -> tuple:
+    """The columns of a ``track_many`` call as numpy arrays: ``(users, events, tss, props,
+    ids)``, shapes and property names checked (the values are checked by the engine)."""
+    if user is None or event is None or ts is None:
+        raise EventError("user, event and ts columns are required",
+                         field="user" if user is None else "event" if event is None
+                         else "ts")
+    try:
+        n = len(user)
+    except TypeError:
+        raise EventError("`user` must be a column (array or list)", field="user") from None
+    users = _as_column(user, n, "user")
+    events = _as_column(event, n, "event")
+    tss = _as_column(ts, n, "ts")
+    if props is not None and not isinstance(props, Mapping):
+        raise EventError("props must be a mapping of name -> column", field="props")
+    cols = {}
+    for k, v in (props or {}).items():
+        if not isinstance(k, str):
+            raise EventError("property names must be strings", field="props")
+        cols[k] = _as_column(v, n, f"props.{k}")
+    ids = None if id is None else _as_column(id, n, "id")
+    return users, events, tss, cols, ids
+
+
+def _json_columns(data) -> tuple:
+    """:func:`_batch_columns` of a ``track_json`` body (a JSON array of event objects)."""
+    rows = _decode_events(data)
+    n = len(rows)
+    users = _as_column([r.user for r in rows], n, "user")
+    events = _as_column([r.event for r in rows], n, "event")
+    tss = _as_column([r.ts for r in rows], n, "ts")
+    id_list = [r.id for r in rows]
+    ids = _as_column(id_list, n, "id") if id_list.count(None) < n else None
+    plist = [r.props for r in rows]
+    keys: dict[str, None] = {}
+    for p in plist:
+        if p:
+            keys.update(dict.fromkeys(p))
+    cols: dict[str, np.ndarray] = {}
+    bad: tuple[int, int, str, str] | None = None
+    for k in keys:
+        vals = [p.get(k) if p else None for p in plist]
+        kinds = set(map(type, vals))
+        if dict in kinds or list in kinds:
+            i = next(i for i, v in enumerate(vals) if isinstance(v, (dict, list)))
+            order = list(plist[i]).index(k)
+            if bad is None or (i, order) < bad[:2]:
+                bad = (i, order, k, type(vals[i]).__name__)
+            continue
+        cols[k] = _json_props_column(vals, kinds, f"props.{k}")
+    if bad is not None:
+        raise EventError(f"property `{bad[2]}` must be a string, number, bool or null, "
+                         f"got {bad[3]}", index=bad[0], field=f"props.{bad[2]}")
+    return users, events, tss, cols, ids
+
+
+def _check_props(props: Mapping) -> None:
+    """The properties of one event: string names, scalar values."""
+    for k, v in props.items():
+        if not isinstance(k, str):
+            raise EventError("property names must be strings", field="props")
+        if not (v is None or isinstance(v, (str, int, float, np.generic))):
+            raise EventError(f"property `{k}` must be a string, number, bool or None, got "
+                             f"{type(v).__name__}", field=f"props.{k}")
 
 
 def _decode_events(data) -> list:

@@ -43,8 +43,8 @@ import numpy as np
 from pyroaring import BitMap, FrozenBitMap
 
 from . import rules as R
-from .engine import (Engine, Firing, Transition, Transitions, _as_column, _TraitStore, _U32,
-                     _to_ms)
+from .engine import (Engine, Firing, Transition, Transitions, _as_column, _batch_columns,
+                     _check_props, _json_columns, _plain_ints, _TraitStore, _U32, _to_ms)
 from .errors import EventError, SegcoreError, ShardGap, SnapshotError
 from .hashing import slot_of, slots_of_ints
 
@@ -469,8 +469,7 @@ class ShardedEngine:
             self._advance_all(clock_ms, hold=True)
 
     def _advance_all(self, t: int, hold: bool = False) -> Transitions:
-        calls = {k: ("_shard_batch", [[], [], [], [], {}, None, *self._deltas(k), {}, t], {})
-                 for k in range(self.n_shards)}
+        calls = {k: self._move_to(k, t) for k in range(self.n_shards)}
         res = self._run(calls)
         self._set_now(t)
         batch = self._collect([res[k] for k in sorted(res)])
@@ -478,6 +477,10 @@ class ShardedEngine:
             self._held = [batch]
             return Transitions.empty(self._schema._plan.names)
         return batch
+
+    def _move_to(self, k: int, t: int) -> tuple:
+        """The call that moves shard ``k`` to time ``t`` (a batch of no rows)."""
+        return ("_shard_batch", [[], [], [], [], [[], [], []], None, *self._deltas(k), {}, t], {})
 
     def _set_now(self, t: int) -> None:
         if t > self._now:
@@ -523,6 +526,27 @@ class ShardedEngine:
             self._next_str -= 1
         return pins
 
+    def _number_new(self, users: np.ndarray, nums: np.ndarray, new: list) -> tuple[dict, list]:
+        """Number the new string ids of a user column (``new``, in order of appearance) and
+        fill their rows of ``nums``; ``(numbers of the new strings, the new int ids)``."""
+        new_ints = [u for u in new if not isinstance(u, str)]
+        pins = self._alloc([u for u in new if isinstance(u, str)], set(new_ints))
+        if pins:
+            for i in np.flatnonzero(nums < 0).tolist():
+                u = users[i]
+                if u in pins:
+                    nums[i] = pins[u]
+        return pins, new_ints
+
+    def _commit_users(self, obj: bool, pins: dict[str, int], new_ints: list,
+                      nums: np.ndarray) -> None:
+        """Once every shard accepted the call: its users exist (``nums`` are the numbers of
+        an int column's rows; a column of ids one by one brings ``pins`` and ``new_ints``)."""
+        if obj:
+            self._adopt_users(pins, new_ints)
+        elif len(nums):
+            self._all |= BitMap(np.ascontiguousarray(nums, dtype=np.uint32))
+
     def _adopt_users(self, pins: dict[str, int], ints) -> None:
         for s, num in pins.items():
             self._str_num[num] = s
@@ -536,7 +560,6 @@ class ShardedEngine:
         the errors those of one Engine."""
         n = len(users)
         if users.dtype.kind == "O" and n:
-            from .engine import _plain_ints
             typed = _plain_ints(users.tolist())
             users = users if typed is None else typed
         if users.dtype.kind in "iu":
@@ -600,36 +623,21 @@ class ShardedEngine:
     def track(self, user, event: str, ts=None, props: Mapping[str, Any] | None = None,
               id=None) -> list[Transition]:
         """Track one event (see :meth:`Engine.track`)."""
-        if not isinstance(event, str) or not event:
-            raise EventError("event must be a non-empty string", field="event")
         if props is not None and not isinstance(props, Mapping):
             raise EventError("props must be a mapping of name -> value", field="props")
+        user = self._check_user(user)
+        if not isinstance(event, str) or not event:
+            raise EventError("event must be a non-empty string", field="event")
+        props = props or {}
+        _check_props(props)
         clock_ms = self._read_clock()
         if ts is None:
             ts = clock_ms if clock_ms is not None else self._now
-        for k, v in (props or {}).items():
-            if not isinstance(k, str):
-                raise EventError("property names must be strings", field="props")
-            if not (v is None or isinstance(v, (str, int, float, np.generic))):
-                raise EventError(f"property `{k}` must be a string, number, bool or None, got "
-                                 f"{type(v).__name__}", field=f"props.{k}")
-        user = self._check_user(user)
-        col = np.empty(1, dtype=object)
-        col[0] = user
-        tcol = np.empty(1, dtype=object)
-        tcol[0] = ts
-        cols = {}
-        for k, v in (props or {}).items():
-            c = np.empty(1, dtype=object)
-            c[0] = v
-            cols[k] = c
-        ids = None
-        if id is not None:
-            ids = np.empty(1, dtype=object)
-            ids[0] = id
         try:
-            out = self._ingest(col, np.array([event], dtype=object), tcol, cols, ids,
-                               single=True, clock_ms=clock_ms)
+            out = self._ingest(_one(user), _one(event), _one(ts),
+                               {k: _one(v) for k, v in props.items()},
+                               None if id is None else _one(id), single=True,
+                               clock_ms=clock_ms)
         except EventError as e:
             raise EventError(e.reason, field=e.field) from None
         return list(out)
@@ -637,52 +645,11 @@ class ShardedEngine:
     def track_many(self, user, event, ts, props: Mapping[str, Any] | None = None,
                    id=None) -> Transitions:
         """Track a batch given as columns (see :meth:`Engine.track_many`)."""
-        if user is None or event is None or ts is None:
-            raise EventError("user, event and ts columns are required",
-                             field="user" if user is None else "event" if event is None
-                             else "ts")
-        try:
-            n = len(user)
-        except TypeError:
-            raise EventError("`user` must be a column (array or list)", field="user") from None
-        users = _as_column(user, n, "user")
-        events = _as_column(event, n, "event")
-        tss = _as_column(ts, n, "ts")
-        if props is not None and not isinstance(props, Mapping):
-            raise EventError("props must be a mapping of name -> column", field="props")
-        cols = {}
-        for k, v in (props or {}).items():
-            if not isinstance(k, str):
-                raise EventError("property names must be strings", field="props")
-            cols[k] = _as_column(v, n, f"props.{k}")
-        ids = None if id is None else _as_column(id, n, "id")
-        return self._ingest(users, events, tss, cols, ids)
+        return self._ingest(*_batch_columns(user, event, ts, props, id))
 
     def track_json(self, data: bytes | str) -> Transitions:
         """Track a JSON array of events (see :meth:`Engine.track_json`)."""
-        from .engine import _decode_events, _json_props_column
-        rows = _decode_events(data)
-        n = len(rows)
-        users = _as_column([r.user for r in rows], n, "user")
-        events = _as_column([r.event for r in rows], n, "event")
-        tss = _as_column([r.ts for r in rows], n, "ts")
-        id_list = [r.id for r in rows]
-        ids = _as_column(id_list, n, "id") if id_list.count(None) < n else None
-        plist = [r.props for r in rows]
-        keys: dict[str, None] = {}
-        for p in plist:
-            if p:
-                keys.update(dict.fromkeys(p))
-        cols = {}
-        for k in keys:
-            vals = [p.get(k) if p else None for p in plist]
-            kinds = set(map(type, vals))
-            if dict in kinds or list in kinds:
-                i = next(i for i, v in enumerate(vals) if isinstance(v, (dict, list)))
-                raise EventError(f"property `{k}` must be a string, number, bool or null, "
-                                 f"got {type(vals[i]).__name__}", index=i, field=f"props.{k}")
-            cols[k] = _json_props_column(vals, kinds, f"props.{k}")
-        return self._ingest(users, events, tss, cols, ids)
+        return self._ingest(*_json_columns(data))
 
     def _ingest(self, users, events, tss, cols, ids, single=False, clock_ms=None):
         if clock_ms is None:
@@ -695,7 +662,7 @@ class ShardedEngine:
             return np.full(len(col), -1, np.int64), []
 
         # ---- validate whole, deduplicate against every id ever seen (the schema engine)
-        col, names, inv, tss, _, _, _, _, _, keep = sch._check_batch(
+        col, names, inv, tss, _, _, fpass, vals, keys, keep = sch._check_batch(
             users, events, tss, cols, ids, single, clock_ms, resolve)
         n = len(users)
         if names is not None:
@@ -709,21 +676,11 @@ class ShardedEngine:
         obj = new is not None                   # ids given one by one (strings among them)
         kept = np.ones(n, bool) if keep is None else keep
         # ---- number new string ids (first appearance among kept rows' users)
-        pins: dict[str, int] = {}
-        new_ints: list = []
-        if new:
-            if keep is not None and not keep.all():
-                live = set(users[keep].tolist())
-                new = [u for u in new if u in live]
-            new_ints = [u for u in new if not isinstance(u, str)]
-            pins = self._alloc([u for u in new if isinstance(u, str)], set(new_ints))
-            if pins:
-                for i in np.flatnonzero(nums < 0).tolist():
-                    u = users[i]
-                    if u in pins:
-                        nums[i] = pins[u]
-        slots = self._slots(nums, users if obj else None)
-        shard = self._owner[slots]
+        if new and keep is not None and not keep.all():
+            live = set(users[keep].tolist())
+            new = [u for u in new if u in live]
+        pins, new_ints = self._number_new(users, nums, new or [])
+        shard = self._owner[self._slots(nums, users if obj else None)]
         # ---- time: each row at the running time a single engine would be at
         g0 = max(self._now, clock_ms or 0)
         running = np.maximum.accumulate(np.where(kept, np.maximum(tss, g0), g0)) \
@@ -733,20 +690,15 @@ class ShardedEngine:
         ucol = users if obj else nums.astype(np.uint32)
         for k in range(self.n_shards):
             rows = np.flatnonzero((shard == k) & kept) if n else np.zeros(0, np.int64)
-            sub_pins = {}
-            if pins and len(rows):
-                sub_pins = {u: pins[u] for u in set(users[rows].tolist()) & pins.keys()}
             calls[k] = ("_shard_batch", [
                 ucol[rows], ecodes[rows], tss[rows], running[rows],
-                {c: v[rows] for c, v in cols.items()},
+                [a.reshape(n, len(a) // n)[rows].reshape(-1) if n else a
+                 for a in (fpass, vals, keys)],
                 None if ids is None else ids[rows].tolist(),
-                *self._deltas(k), sub_pins, end], {})
+                *self._deltas(k), _pins_of(pins, users, rows), end], {})
         res = self._run(calls, rows=int(kept.sum()))
         # ---- accepted everywhere
-        if obj:
-            self._adopt_users(pins, new_ints)
-        elif n:
-            self._all |= BitMap(np.ascontiguousarray(nums[kept], dtype=np.uint32))
+        self._commit_users(obj, pins, new_ints, nums[kept])
         self._set_now(end)
         out = self._collect([res[k] for k in sorted(res)])
         if keep is not None and not keep.all():
@@ -795,27 +747,19 @@ class ShardedEngine:
                 raise EventError("trait names must be non-empty strings", field="traits")
             cols[k] = _TraitStore.check_column(_as_column(col, n, f"traits.{k}"), k)
         nums, new = self._resolve(users)
-        new = new or []
-        new_ints = [u for u in new if not isinstance(u, str)]
-        pins = self._alloc([u for u in new if isinstance(u, str)], set(new_ints))
-        for i in np.flatnonzero(nums < 0).tolist():
-            nums[i] = pins[users[i]]
-        obj = users.dtype.kind == "O"
+        obj = new is not None                   # ids given one by one (strings among them)
+        pins, new_ints = self._number_new(users, nums, new or [])
         shard = self._owner[self._slots(nums, users if obj else None)]
         self._catch_up(clock_ms)
         calls = {}
         for k in np.unique(shard).tolist():
             rows = np.flatnonzero(shard == k)
             sub = users[rows] if obj else nums[rows].astype(np.uint32)
-            sub_pins = {u: pins[u] for u in set(users[rows].tolist()) & pins.keys()} \
-                if pins else {}
-            calls[k] = ("_shard_op", [*self._deltas(k), sub_pins, "set_traits_many",
-                                      [sub], {c: v[rows] for c, v in cols.items()}], {})
+            calls[k] = ("_shard_op", [*self._deltas(k), _pins_of(pins, users, rows),
+                                      "set_traits_many", [sub],
+                                      {c: v[rows] for c, v in cols.items()}], {})
         res = self._run(calls)
-        if obj:
-            self._adopt_users(pins, new_ints)
-        elif n:
-            self._all |= BitMap(np.ascontiguousarray(nums, dtype=np.uint32))
+        self._commit_users(obj, pins, new_ints, nums)
         return self._collect([res[k] for k in sorted(res)])
 
     def forget(self, user) -> bool:
@@ -1037,18 +981,19 @@ class ShardedEngine:
         """A copy of the slot -> shard table."""
         return self._owner.copy()
 
-    def _users_of_slots(self, k: int, slots: set[int]) -> list[int]:
-        nums = np.array(self._all.to_array(), dtype=np.int64) if len(self._all) else \
-            np.zeros(0, np.int64)
-        if not len(nums):
-            return []
-        is_str = np.fromiter((x in self._str_num for x in nums.tolist()), bool, len(nums)) \
-            if self._str_num else np.zeros(len(nums), bool)
+    def _slots_of_numbers(self, nums: np.ndarray) -> np.ndarray:
+        """Slot of each user number (a string's slot is its string's)."""
         sl = slots_of_ints(nums, self.n_slots)
-        for i in np.flatnonzero(is_str).tolist():
-            sl[i] = slot_of(self._str_num[int(nums[i])], self.n_slots)
-        mask = np.isin(sl, list(slots)) & (self._owner[sl] == k)
-        return nums[mask].tolist()
+        for i, x in enumerate(nums.tolist()):
+            sid = self._str_num.get(x)
+            if sid is not None:
+                sl[i] = slot_of(sid, self.n_slots)
+        return sl
+
+    def _users_of_slots(self, k: int, slots: set[int]) -> list[int]:
+        nums = np.asarray(self._all.to_array(), dtype=np.int64)
+        sl = self._slots_of_numbers(nums)
+        return nums[np.isin(sl, list(slots)) & (self._owner[sl] == k)].tolist()
 
     def move_slots(self, slots, to_shard: int) -> int:
         """Move slots (and every user in them) to shard ``to_shard``: their state is exported
@@ -1179,10 +1124,7 @@ class ShardedEngine:
             users = np.asarray(info["users"], dtype=np.int64)
             if not len(users):
                 continue
-            sl = slots_of_ints(users, self.n_slots)
-            for i, x in enumerate(users.tolist()):
-                if x in self._str_num:
-                    sl[i] = slot_of(self._str_num[x], self.n_slots)
+            sl = self._slots_of_numbers(users)
             stray = users[self._owner[sl] != k].tolist()
             if stray:
                 log.warning("segcore: shard %d held %d users of slots it does not own (a "
@@ -1194,8 +1136,7 @@ class ShardedEngine:
             self._all |= BitMap(keep.astype(np.uint32))
         for k in range(self.n_shards):
             if self._now > infos[k]["now"]:
-                self._run({k: ("_shard_batch", [[], [], [], [], {}, None, *self._deltas(k),
-                                                {}, self._now], {})})
+                self._run({k: self._move_to(k, self._now)})
 
     def close(self) -> None:
         """Close every shard's log (and, for Ray, stop the actors; and Ray itself if this
@@ -1213,6 +1154,20 @@ class ShardedEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _pins_of(pins: dict[str, int], users: np.ndarray, rows: np.ndarray) -> dict[str, int]:
+    """The numbers of the new string ids among ``users[rows]``."""
+    if not pins or not len(rows):
+        return {}
+    return {u: pins[u] for u in set(users[rows].tolist()) & pins.keys()}
+
+
+def _one(x) -> np.ndarray:
+    """A column of one value (kept as the object it is)."""
+    col = np.empty(1, dtype=object)
+    col[0] = x
+    return col
 
 
 def _read_layout(directory: str) -> dict:
