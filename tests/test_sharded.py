@@ -155,6 +155,18 @@ def test_users_are_spread_and_numbered_as_in_one_engine():
     assert single.user_number("zed") == sharded.user_number("zed")
 
 
+def test_set_traits_many_with_a_column_of_int_objects_creates_the_users():
+    single, sharded = segcore.Engine(), segcore.ShardedEngine(2, slots=4)
+    users = np.empty(3, dtype=object)
+    users[:] = [1, 2, 3]                       # as a JSON body decodes them
+    for eng in (single, sharded):
+        eng.add_segment("se", 'trait.country == "SE"')
+    same(single, sharded, single.set_traits_many(user=users, country=["SE", "NO", "SE"]),
+         sharded.set_traits_many(user=users, country=["SE", "NO", "SE"]))
+    assert [sharded.user_number(u) for u in (1, 2, 3)] == [1, 2, 3]
+    assert sharded.forget(2) is True and sharded.stats()["users"] == 2
+
+
 def test_message_ids_are_deduplicated_globally():
     """A repeated id is a duplicate whichever user (and shard) it comes with, as in one
     engine; the horizon is engine time."""
@@ -215,6 +227,32 @@ def test_a_bad_batch_is_rejected_whole_with_the_engines_error():
         sharded.query("big & ~")
     assert sharded.segments == single.segments
     assert (sharded.sizes(), sharded.stats()["events"], sharded.now) == before[:3]
+
+
+@pytest.mark.parametrize("logged", [False, True])
+def test_a_segment_needing_untracked_history_is_refused_everywhere(tmp_path, logged):
+    """One engine without a log refuses a segment whose history it did not keep; so does a
+    sharded engine (its shards cannot back-fill by replay), before any shard changes, even
+    when some shards never saw those events; and after a reopen."""
+    single = segcore.Engine()
+    sharded = segcore.ShardedEngine(3, slots=9,
+                                    data_dir=tmp_path / "d" if logged else None)
+    for eng in (single, sharded):
+        eng.add_segment("a", "count(buy) >= 1")
+        eng.track_many(user=[1, 2], event=["buy", "buy"], ts=[1, 2])
+    with pytest.raises(segcore.RuleError) as want:
+        single.add_segment("b", "sum(buy.amount, 1d) >= 1")
+    with pytest.raises(segcore.RuleError) as got:
+        sharded.add_segment("b", "sum(buy.amount, 1d) >= 1")
+    assert str(got.value) == str(want.value)
+    assert sharded.segments == single.segments and sharded.sizes() == {"a": 2}
+    same(single, sharded, single.add_segment("c", "count(view) >= 1"),
+         sharded.add_segment("c", "count(view) >= 1"))
+    if logged:
+        sharded.close()
+        again = segcore.ShardedEngine.open(tmp_path / "d")
+        with pytest.raises(segcore.RuleError, match="2 already tracked"):
+            again.add_segment("b", "sum(buy.amount, 1d) >= 1")
 
 
 def test_constructor_arguments_are_checked(tmp_path):

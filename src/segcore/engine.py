@@ -1291,16 +1291,20 @@ class Engine:
                            np.ascontiguousarray(vals), np.ascontiguousarray(keys),
                            None if clock_col is None else
                            np.ascontiguousarray(clock_col, np.int64))
-        m = len(dense)
-        self._stats["events"] += m
+        self._count_events(ecodes)
         self._stats["batches"] += 1
-        if m:
-            self._event_counts[: len(self._event_names)] += np.bincount(
-                ecodes, minlength=len(self._event_names))[: len(self._event_names)]
         out = self._drain([])
         if dups is not None:
             out.duplicates = dups
         return out
+
+    def _count_events(self, ecodes: np.ndarray) -> None:
+        """Count accepted events (what a new segment's back-fill check reads)."""
+        m = len(ecodes)
+        self._stats["events"] += m
+        if m:
+            k = len(self._event_names)
+            self._event_counts[:k] += np.bincount(ecodes, minlength=k)[:k]
 
     def _prop_columns(self, cols, n, ecodes, names, inv, single):
         plan = self._plan
@@ -2084,6 +2088,7 @@ class Engine:
                 "seen_ids": dict(self._seen_ids), "event_names": list(self._event_names),
                 "values": list(self._value_keys), "segments": dict(self._texts),
                 "stats": dict(self._stats), "caps": dict(self._policies.caps),
+                "event_counts": self._event_counts[: len(self._event_names)].tolist(),
                 "triggers": [(it.name, it.segment, it.entered, it.after_ms, it.cooldown_ms,
                               it.max_per, it.once, it.channel)
                              for it in self._items if isinstance(it, TriggerSpec)]}

@@ -699,6 +699,7 @@ class ShardedEngine:
         res = self._run(calls, rows=int(kept.sum()))
         # ---- accepted everywhere
         self._commit_users(obj, pins, new_ints, nums[kept])
+        sch._count_events(ecodes[kept])     # a new segment needing history is checked here
         self._set_now(end)
         out = self._collect([res[k] for k in sorted(res)])
         if keep is not None and not keep.all():
@@ -1117,6 +1118,8 @@ class ShardedEngine:
                 self._str_num[int(num)] = s
                 self._num_of[s] = int(num)
             sch._seen_ids.update(info["seen_ids"])
+            sch._count_events(np.repeat(np.arange(len(info["event_counts"])),
+                                        info["event_counts"]).astype(np.int32))
         self._sent_names = [len(sch._event_names)] * self.n_shards
         self._sent_values = [len(sch._value_keys)] * self.n_shards
         sch._kernel.advance(self._now)
