@@ -979,19 +979,8 @@ class Engine:
         Each keyword is a column as long as ``user``; ``None`` entries delete that trait.
         """
         clock_ms = self._read_clock()
-        if user is None:
-            raise EventError("`user` column is required", field="user")
-        try:
-            n = len(user)
-        except TypeError:
-            raise EventError("`user` must be a column (array or list)", field="user") from None
-        users = _as_column(user, n, "user")
-        cols = {}
-        for k, col in traits.items():
-            if not isinstance(k, str) or not k:
-                raise EventError("trait names must be non-empty strings", field="traits")
-            arr = _as_column(col, n, f"traits.{k}")
-            cols[k] = _TraitStore.check_column(arr, k)
+        users, cols = _trait_columns(user, traits)
+        n = len(users)
         dense, new = self._resolve_users(users)
         self._catch_up(clock_ms)
         self._create_users(new)
@@ -2269,6 +2258,23 @@ def _json_columns(data) -> tuple:
         raise EventError(f"property `{bad[2]}` must be a string, number, bool or null, "
                          f"got {bad[3]}", index=bad[0], field=f"props.{bad[2]}")
     return users, events, tss, cols, ids
+
+
+def _trait_columns(user, traits: Mapping) -> tuple[np.ndarray, dict]:
+    """The user column and the checked trait columns of a ``set_traits_many`` call."""
+    if user is None:
+        raise EventError("`user` column is required", field="user")
+    try:
+        n = len(user)
+    except TypeError:
+        raise EventError("`user` must be a column (array or list)", field="user") from None
+    users = _as_column(user, n, "user")
+    cols = {}
+    for k, col in traits.items():
+        if not isinstance(k, str) or not k:
+            raise EventError("trait names must be non-empty strings", field="traits")
+        cols[k] = _TraitStore.check_column(_as_column(col, n, f"traits.{k}"), k)
+    return users, cols
 
 
 def _check_props(props: Mapping) -> None:

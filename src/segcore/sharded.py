@@ -43,8 +43,8 @@ import numpy as np
 from pyroaring import BitMap, FrozenBitMap
 
 from . import rules as R
-from .engine import (Engine, Firing, Transition, Transitions, _as_column, _batch_columns,
-                     _check_props, _json_columns, _plain_ints, _TraitStore, _U32, _to_ms)
+from .engine import (Engine, Firing, Transition, Transitions, _batch_columns,
+                     _check_props, _json_columns, _plain_ints, _trait_columns, _U32, _to_ms)
 from .errors import EventError, SegcoreError, ShardGap, SnapshotError
 from .hashing import slot_of, slots_of_ints
 
@@ -735,18 +735,7 @@ class ShardedEngine:
     def set_traits_many(self, user, **traits) -> Transitions:
         """Set traits for many users (see :meth:`Engine.set_traits_many`)."""
         clock_ms = self._read_clock()
-        if user is None:
-            raise EventError("`user` column is required", field="user")
-        try:
-            n = len(user)
-        except TypeError:
-            raise EventError("`user` must be a column (array or list)", field="user") from None
-        users = _as_column(user, n, "user")
-        cols = {}
-        for k, col in traits.items():
-            if not isinstance(k, str) or not k:
-                raise EventError("trait names must be non-empty strings", field="traits")
-            cols[k] = _TraitStore.check_column(_as_column(col, n, f"traits.{k}"), k)
+        users, cols = _trait_columns(user, traits)
         nums, new = self._resolve(users)
         obj = new is not None                   # ids given one by one (strings among them)
         pins, new_ints = self._number_new(users, nums, new or [])
