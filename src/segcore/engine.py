@@ -623,14 +623,9 @@ class Engine:
     def _resolve_users(self, users: np.ndarray) -> tuple[np.ndarray, list]:
         """Dense indices for a validated user column; returns (dense or -1, new ids in order)."""
         n = len(users)
-        if users.dtype.kind == "O" and n:
-            typed = _plain_ints(users.tolist())             # JSON / lists of plain ints
-            users = users if typed is None else typed
-        if users.dtype.kind in "iu":
-            if n and (users.min() < 0 or users.max() >= _U32):
-                bad = int(np.flatnonzero((users < 0) | (users >= _U32))[0])
-                raise EventError(f"user id {int(users[bad])} is out of range [0, 2**32)",
-                                 index=bad, field="user")
+        ints = _int_users(users)
+        if ints is not None:
+            users = ints
             dense = self._int_dense.lookup(np.ascontiguousarray(users, dtype=np.uint32))
             missing = np.flatnonzero(dense < 0)
             if not len(missing):
@@ -2258,6 +2253,22 @@ def _json_columns(data) -> tuple:
         raise EventError(f"property `{bad[2]}` must be a string, number, bool or null, "
                          f"got {bad[3]}", index=bad[0], field=f"props.{bad[2]}")
     return users, events, tss, cols, ids
+
+
+def _int_users(users: np.ndarray) -> np.ndarray | None:
+    """A user column of ints (an object column of plain ints too: JSON, lists), each checked
+    to be in ``[0, 2**32)``; None for a column with strings (checked one by one)."""
+    n = len(users)
+    if users.dtype.kind == "O" and n:
+        typed = _plain_ints(users.tolist())
+        users = users if typed is None else typed
+    if users.dtype.kind not in "iu":
+        return None
+    if n and (users.min() < 0 or users.max() >= _U32):
+        bad = int(np.flatnonzero((users < 0) | (users >= _U32))[0])
+        raise EventError(f"user id {int(users[bad])} is out of range [0, 2**32)",
+                         index=bad, field="user")
+    return users
 
 
 def _trait_columns(user, traits: Mapping) -> tuple[np.ndarray, dict]:

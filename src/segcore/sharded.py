@@ -44,7 +44,7 @@ from pyroaring import BitMap, FrozenBitMap
 
 from . import rules as R
 from .engine import (Engine, Firing, Transition, Transitions, _batch_columns,
-                     _check_props, _json_columns, _plain_ints, _trait_columns, _U32, _to_ms)
+                     _check_props, _int_users, _json_columns, _trait_columns, _U32, _to_ms)
 from .errors import EventError, SegcoreError, ShardGap, SnapshotError
 from .hashing import slot_of, slots_of_ints
 
@@ -559,15 +559,9 @@ class ShardedEngine:
         """Validate a user column; ``(numbers or -1 for new strings, new ids in order)``,
         the errors those of one Engine."""
         n = len(users)
-        if users.dtype.kind == "O" and n:
-            typed = _plain_ints(users.tolist())
-            users = users if typed is None else typed
-        if users.dtype.kind in "iu":
-            if n and (users.min() < 0 or users.max() >= _U32):
-                bad = int(np.flatnonzero((users < 0) | (users >= _U32))[0])
-                raise EventError(f"user id {int(users[bad])} is out of range [0, 2**32)",
-                                 index=bad, field="user")
-            nums = users.astype(np.int64)
+        ints = _int_users(users)
+        if ints is not None:
+            nums = ints.astype(np.int64)
             if self._str_num and n:
                 hit = np.isin(nums, np.fromiter(self._str_num, np.int64, len(self._str_num)))
                 if hit.any():
