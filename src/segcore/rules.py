@@ -29,6 +29,7 @@ __all__ = [
     "Num", "Str", "Dur", "Now", "FirstSeen", "LastSeen", "First", "Last", "Trait", "Score",
     "Prop", "Agg", "Arith", "Compare", "InList", "Between", "StrTest", "Exists", "Seen",
     "InSegment", "Bucket", "Inactive", "Abandoned", "And", "Or", "Not", "Value", "Cond",
+    "Local", "Sessions", "LastSession", "InSession", "Step", "Seq", "WEEKDAYS",
 ]
 
 DURATION_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
@@ -92,13 +93,33 @@ class Prop(_Node, frozen=True):
     name: str
 
 
+class Local(_Node, frozen=True):
+    """``hour`` (0-23) or ``weekday`` (``"mon"`` … ``"sun"``) of an event in the user's
+    timezone (``trait.tz``); only valid inside ``where``."""
+    field: str
+
+
 class Agg(_Node, frozen=True):
-    """``count(E where P, W)``, ``sum(E.prop, W)`` …; ``window_ms`` None means all time."""
+    """``count(E where P, W)``, ``sum(E.prop, W)``, ``share(E where P, W)``, ``mode(E.prop, W)``
+    …; ``window_ms`` None means all time."""
     fn: str
     event: str
     prop: Union[str, None] = None
     where: Union["Cond", None] = None
     window_ms: Union[int, None] = None
+
+
+class Sessions(_Node, frozen=True):
+    """``count(session, W)``, ``avg(session.duration, W)``, ``max(session.events, W)`` …:
+    an aggregate over the user's sessions that started in the window."""
+    fn: str
+    metric: Union[str, None] = None     # "duration" or "events"; None for count
+    window_ms: Union[int, None] = None
+
+
+class LastSession(_Node, frozen=True):
+    """``last_session.duration`` / ``last_session.events``: of the user's latest session."""
+    metric: str
 
 
 class Arith(_Node, frozen=True):
@@ -163,6 +184,29 @@ class Abandoned(_Node, frozen=True):
     by: Union[str, None] = None
 
 
+class InSession(_Node, frozen=True):
+    """``in_session``: the user's latest event is younger than the session timeout."""
+    pass
+
+
+class Step(_Node, frozen=True):
+    """One step of ``seq(...)``: an event type, an optional ``where``, or ``not E`` (the
+    event must *not* follow)."""
+    event: str
+    where: Union["Cond", None] = None
+    negated: bool = False
+
+
+class Seq(_Node, frozen=True):
+    """``seq(A, B where P, C by KEY within D, W)``: the steps occurred in this order (strictly
+    increasing ts), all within ``D`` of the first (``within_ms`` None: no limit), with the
+    first step inside the window ``W`` (None: all time)."""
+    steps: tuple[Step, ...]
+    by: Union[str, None] = None
+    within_ms: Union[int, None] = None
+    window_ms: Union[int, None] = None
+
+
 class And(_Node, frozen=True):
     items: tuple["Cond", ...]
 
@@ -176,19 +220,27 @@ class Not(_Node, frozen=True):
 
 
 Value = Union[Num, Str, Dur, Now, FirstSeen, LastSeen, First, Last, Trait, Score, Prop, Agg,
-              Arith]
+              Arith, Local, Sessions, LastSession]
 Cond = Union[Compare, InList, Between, StrTest, Exists, Seen, InSegment, Bucket, Inactive,
-             Abandoned, And, Or, Not]
+             Abandoned, And, Or, Not, InSession, Seq]
 
-AGG_FNS = ("count", "sum", "avg", "min", "max", "distinct")
+AGG_FNS = ("count", "sum", "avg", "min", "max", "distinct", "share", "mode")
+#: The aggregates over sessions and the session metrics.
+SESSION_FNS = ("count", "sum", "avg", "min", "max")
+SESSION_METRICS = ("duration", "events")
+#: ``weekday`` values, Monday first (``datetime.weekday()`` order).
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+#: Most steps in one ``seq(...)``.
+MAX_SEQ_STEPS = 16
 CMP_OPS = ("==", "!=", "<", "<=", ">", ">=")
 STR_OPS = ("contains", "startswith", "matches")
 KEYWORDS = ("and", "or", "not", "in", "between", "contains", "startswith", "matches", "exists",
             "where", "by", "all", "now", "seen", "first_seen", "last_seen", "did", "inactive",
-            "abandoned", "bucket", "first", "last", "trait", "score") + AGG_FNS
-_FUNCS = ("count", "sum", "avg", "min", "max", "distinct", "did", "inactive", "abandoned",
-          "bucket", "first", "last", "in", "seen", "first_seen", "last_seen", "now", "trait",
-          "score")
+            "abandoned", "bucket", "first", "last", "trait", "score", "seq", "within",
+            "session", "last_session", "in_session") + AGG_FNS
+_FUNCS = ("count", "sum", "avg", "min", "max", "distinct", "share", "mode", "did", "inactive",
+          "abandoned", "bucket", "first", "last", "in", "seen", "first_seen", "last_seen", "now",
+          "trait", "score", "seq", "last_session", "in_session")
 
 
 # --------------------------------------------------------------------------- lexer
@@ -365,6 +417,9 @@ class _Parser:
         t = self.name("an event type")
         if t.text in ("and", "or", "not", "where", "in"):
             raise self.err(f"expected an event type, found keyword `{t.text}`", t.pos)
+        if t.text == "session":
+            raise self.err("`session` is reserved for sessions (as in `count(session, 7d)`); "
+                           "it cannot be used as an event type here", t.pos)
         if self.event_types is not None and t.text not in self.event_types:
             raise self.err(f"unknown event type `{t.text}`{_suggest(t.text, self.event_types)}",
                            t.pos)
@@ -446,6 +501,11 @@ class _Parser:
             if t.text == "seen":
                 self.i += 1
                 return Seen()
+            if t.text == "in_session" and not is_call:
+                self.i += 1
+                return InSession()
+            if t.text == "seq" and is_call:
+                return self.seq()
             if t.text == "in" and is_call:
                 self.i += 2
                 nt = self.name("a segment name")
@@ -493,6 +553,38 @@ class _Parser:
                     by = self.name("a property name after `by`").text
                 return Abandoned(a, b, w, by)
         return self.test()
+
+    def seq(self) -> "Seq":
+        start = self.tok.pos
+        self.i += 2
+        steps = []
+        window = None
+        while True:
+            negated = self.take("not")
+            ev = self.event()
+            steps.append(Step(ev, self.where(), negated))
+            if not self.at(","):
+                break
+            nxt = self.toks[self.i + 1]
+            if nxt.kind in ("dur", "num") or (nxt.kind == "name" and nxt.text == "all"):
+                break
+            self.i += 1
+        by = None
+        within = None
+        if self.take("by"):
+            by = self.name("a property name after `by`").text
+        if self.take("within"):
+            within = self.duration(allow_all=False)
+        if self.take(","):
+            window = self.duration(allow_all=True)
+        self.expect(")", "to close `seq(`")
+        node = Seq(tuple(steps), by, within, window)
+
+        def fail(reason):
+            raise self.err(reason, start)
+
+        _check_seq(node, fail)
+        return node
 
     def int_arg(self, what: str) -> int:
         t = self.tok
@@ -634,6 +726,8 @@ class _Parser:
             if t.text in ("and", "or", "not", "in", "between", "exists", "where"):
                 raise self.err(f"expected a property name, found keyword `{t.text}`")
             self.i += 1
+            if t.text in ("hour", "weekday"):
+                return Local(t.text)
             return Prop(t.text)
         word = t.text
         if word == "now":
@@ -645,6 +739,15 @@ class _Parser:
         if word == "last_seen":
             self.i += 1
             return LastSeen()
+        if word == "last_session":
+            self.i += 1
+            if not self.take("."):
+                raise self.err("expected `.duration` or `.events` after `last_session`")
+            n = self.name("`duration` or `events`")
+            if n.text not in SESSION_METRICS:
+                raise self.err(f"a session has `duration` and `events`, not `{n.text}`"
+                               f"{_suggest(n.text, SESSION_METRICS)}", n.pos)
+            return LastSession(n.text)
         if word in ("trait", "score"):
             self.i += 1
             if not self.take("."):
@@ -665,12 +768,18 @@ class _Parser:
         raise self.err(f"unknown name `{word}`{_suggest(word, _FUNCS)} (event properties "
                        "are only available inside `where`; traits are `trait.NAME`)")
 
-    def aggregate(self) -> Agg:
+    def aggregate(self):
         fn = self.tok.text
         self.i += 2
+        if self.at("session"):
+            return self.session_agg(fn)
         ev = self.event()
         prop = None
-        if fn != "count":
+        if fn == "share":
+            if self.at("."):
+                raise self.err("`share` is a fraction of events and takes no property "
+                               f"(`share({ev} where ..., 90d)`)")
+        elif fn != "count":
             if not self.take("."):
                 raise self.err(f"`{fn}` needs a property, as in `{fn}({ev}.amount)`")
             prop = self.name("a property name").text
@@ -683,6 +792,33 @@ class _Parser:
             window = self.duration(allow_all=True)
         self.expect(")", f"to close `{fn}(`")
         return Agg(fn, ev, prop, where, window)
+
+    def session_agg(self, fn: str) -> "Sessions":
+        t = self.tok
+        self.i += 1
+        if fn not in SESSION_FNS:
+            raise self.err(f"`{fn}` does not apply to sessions (use count, sum, avg, min or "
+                           "max)", t.pos)
+        metric = None
+        if fn == "count":
+            if self.at("."):
+                raise self.err("`count(session, W)` counts sessions and takes no metric")
+        else:
+            if not self.take("."):
+                raise self.err(f"`{fn}` needs a session metric, as in `{fn}(session.duration)`"
+                               " or `{fn}(session.events)`".replace("{fn}", fn))
+            n = self.name("`duration` or `events`")
+            if n.text not in SESSION_METRICS:
+                raise self.err(f"a session has `duration` and `events`, not `{n.text}`"
+                               f"{_suggest(n.text, SESSION_METRICS)}", n.pos)
+            metric = n.text
+        if self.at("where"):
+            raise self.err("sessions cannot be filtered with `where`")
+        window = None
+        if self.take(","):
+            window = self.duration(allow_all=True)
+        self.expect(")", f"to close `{fn}(`")
+        return Sessions(fn, metric, window)
 
 
 # --------------------------------------------------------------------------- validation
@@ -717,6 +853,8 @@ def _check_test(node, fail, in_where: bool) -> None:
         sign = 1 if i == 0 else -1
         _linear_terms(v, sign, terms)
     nodes = [t for _, t in terms]
+    if _check_categorical(node, values, nodes, fail):
+        return
     has_str = any(isinstance(t, Str) for t in nodes)
     n_parts = sum(1 for v in values for _ in _kinds(v))
     if has_str and n_parts != len(values):
@@ -729,10 +867,16 @@ def _check_test(node, fail, in_where: bool) -> None:
         if any(isinstance(v, Arith) for v in values):
             fail(f"`{type(node).__name__.lower()}` applies to a single property, trait or value")
         v = values[0]
-        if not isinstance(v, (Prop, Trait, Score)):
+        if not isinstance(v, (Prop, Trait, Score, Local)):
             what = {InList: "`in [...]`", StrTest: f"`{getattr(node, 'op', '')}`",
                     Exists: "`exists`"}[type(node)]
             fail(f"{what} applies to an event property, a trait or a score")
+        return
+    if any(isinstance(t, Local) for t in nodes):
+        if sum(isinstance(t, Local) for t in nodes) != 1 or any(
+                isinstance(v, Arith) for v in values) or not all(
+                isinstance(t, (Local, Num, Dur)) for t in nodes):
+            fail("a `where` test compares `hour` with constants")
         return
     has_prop = any(isinstance(t, Prop) for t in nodes)
     has_trait = any(isinstance(t, Trait) for t in nodes)
@@ -770,6 +914,63 @@ def _check_test(node, fail, in_where: bool) -> None:
                  "or `now - first(purchase) > 30d`")
 
 
+def _is_mode(v) -> bool:
+    return isinstance(v, Agg) and v.fn == "mode"
+
+
+def _check_categorical(node, values, nodes, fail) -> bool:
+    """Tests of ``mode(...)`` and of ``weekday``: equality with constants only. True when
+    ``node`` is one of them (and valid)."""
+    modes = [t for t in nodes if _is_mode(t)]
+    days = [t for t in nodes if isinstance(t, Local) and t.field == "weekday"]
+    if not modes and not days:
+        return False
+    what = "`mode(...)`" if modes else "`weekday`"
+    if len(modes) + len(days) != 1 or any(isinstance(v, Arith) for v in values) or any(
+            not isinstance(t, (Num, Str, Dur, Agg, Local)) or (isinstance(t, Agg) and t is
+                                                               not (modes or days)[0])
+            for t in nodes):
+        fail(f"{what} can only be compared with constants, as in "
+             + ('`mode(message_click.channel, 90d) == "sms"`' if modes
+                else '`weekday in ["sat", "sun"]`'))
+    if isinstance(node, (Between, StrTest)) or (
+            isinstance(node, Compare) and node.op not in ("==", "!=")):
+        fail(f"{what} is tested with `==`, `!=`, `in [...]`, `not in [...]` or `exists`")
+    if days:
+        consts = list(node.items) if isinstance(node, InList) else [
+            t.value if isinstance(t, (Num, Str)) else t.ms for t in nodes
+            if isinstance(t, (Num, Str, Dur))]
+        for c in consts:
+            if c not in WEEKDAYS:
+                fail(f"`weekday` is one of {', '.join(map(repr, WEEKDAYS))}".replace("'", '"')
+                     + f", not {_fmt_lit(c)}")
+    return True
+
+
+def _check_seq(node: "Seq", fail) -> None:
+    """Static checks of ``seq(...)``."""
+    n = len(node.steps)
+    if n < 2:
+        fail("`seq` needs at least two steps")
+    if n > MAX_SEQ_STEPS:
+        fail(f"`seq` takes at most {MAX_SEQ_STEPS} steps")
+    negs = [i for i, st in enumerate(node.steps) if st.negated]
+    if negs:
+        if negs != [n - 1] or n != 2:
+            fail("`not` is supported as the second of two steps, as in "
+                 "`seq(add_to_cart, not purchase within 1h)`")
+        if node.within_ms is None:
+            fail("a `seq` with `not` needs `within`, as in "
+                 "`seq(add_to_cart, not purchase within 1h)`")
+    if node.within_ms is not None and not 0 < node.within_ms < MAX_TIME_MS:
+        fail("`within` needs a duration longer than 0")
+    if node.window_ms is not None and not 0 < node.window_ms < MAX_TIME_MS:
+        fail("a window must be longer than 0")
+    if negs and node.window_ms is not None and node.window_ms <= node.within_ms:
+        fail("the window of a `seq` with `not` must be longer than its `within` (the user "
+             "is in from the end of `within` until the first step leaves the window)")
+
+
 def _walk(node, into_where: bool = True):
     yield node
     if isinstance(node, (And, Or)):
@@ -788,6 +989,10 @@ def _walk(node, into_where: bool = True):
         yield from _walk(node.value, into_where)
     elif isinstance(node, Agg) and node.where is not None and into_where:
         yield from _walk(node.where, into_where)
+    elif isinstance(node, Seq) and into_where:
+        for st in node.steps:
+            if st.where is not None:
+                yield from _walk(st.where, into_where)
 
 
 def _walk_paths(node, p: str):
@@ -827,9 +1032,12 @@ def _check_names(node, fail_at) -> None:
             names = [(n.name, False)]
         elif isinstance(n, Abandoned):
             names = [(n.a, True), (n.b, True)] + ([(n.by, False)] if n.by is not None else [])
+        elif isinstance(n, Seq):
+            names = [(st.event, True) for st in n.steps] + (
+                [(n.by, False)] if n.by is not None else [])
         for name, strict in names:
             if not isinstance(name, str) or not _IDENT.match(name) or (
-                    strict and name in reserved):
+                    strict and name in reserved + ("session",)):
                 fail_at(f"`{name}` is not a valid name (letters, digits and _, not starting "
                         "with a digit)")
 
@@ -843,6 +1051,8 @@ def event_types_of(node) -> list[str]:
             evs = [n.event]
         elif isinstance(n, Abandoned):
             evs = [n.a, n.b]
+        elif isinstance(n, Seq):
+            evs = [st.event for st in n.steps]
         for e in evs:
             if e not in out:
                 out.append(e)
@@ -879,9 +1089,25 @@ def validate(node, segment: str | None = None, path: str = "$") -> None:
                     raise RuleError(reason, segment=segment, path=vp)
                 if isinstance(v, Prop) and not in_where:
                     vfail(f"property `{v.name}` is only available inside `where`")
+                if isinstance(v, Local):
+                    if not in_where:
+                        vfail(f"`{v.field}` (of an event) is only available inside `where`")
+                    if v.field not in ("hour", "weekday"):
+                        vfail(f"unknown event time field `{v.field}` (hour or weekday)")
                 if in_where and isinstance(v, (Agg, Trait, Score, Now, FirstSeen, LastSeen,
-                                               First, Last)):
+                                               First, Last, Sessions, LastSession)):
                     vfail("inside `where`, only event properties and constants can be compared")
+                if isinstance(v, Sessions):
+                    if v.fn not in SESSION_FNS:
+                        vfail(f"`{v.fn}` does not apply to sessions")
+                    if (v.fn == "count") != (v.metric is None) or (
+                            v.metric is not None and v.metric not in SESSION_METRICS):
+                        vfail("`count(session)` takes no metric; the others take `duration` "
+                              "or `events`")
+                    if v.window_ms is not None and not 0 < v.window_ms < MAX_TIME_MS:
+                        vfail("a window must be longer than 0")
+                if isinstance(v, LastSession) and v.metric not in SESSION_METRICS:
+                    vfail("`last_session` has `duration` and `events`")
                 if isinstance(v, Agg):
                     check_agg(v, vp)
                 if isinstance(v, Arith) and v.op not in ("+", "-"):
@@ -901,7 +1127,14 @@ def validate(node, segment: str | None = None, path: str = "$") -> None:
         elif isinstance(n, Abandoned):
             if not 0 <= n.within_ms < MAX_TIME_MS:
                 fail("abandoned() needs a duration of 0 or more")
-        elif isinstance(n, (Seen, InSegment)):
+        elif isinstance(n, Seq):
+            if in_where:
+                fail("only property tests are allowed inside `where`")
+            _check_seq(n, fail)
+            for i, st in enumerate(n.steps):
+                if st.where is not None:
+                    check(st.where, f"{p}.steps[{i}].where", True)
+        elif isinstance(n, (Seen, InSegment, InSession)):
             if in_where:
                 fail("only property tests are allowed inside `where`")
         else:
@@ -911,9 +1144,11 @@ def validate(node, segment: str | None = None, path: str = "$") -> None:
         if a.fn not in AGG_FNS:
             raise RuleError(f"unknown aggregate `{a.fn}`{_suggest(a.fn, AGG_FNS)}",
                             segment=segment, path=p)
-        if (a.fn == "count") != (a.prop is None):
-            raise RuleError(f"`{a.fn}` {'takes no' if a.fn == 'count' else 'needs a'} property",
-                            segment=segment, path=p)
+        if (a.fn in ("count", "share")) != (a.prop is None):
+            raise RuleError(f"`{a.fn}` {'takes no' if a.fn in ('count', 'share') else 'needs a'}"
+                            " property", segment=segment, path=p)
+        if a.event == "session":
+            raise RuleError("`session` is reserved for sessions", segment=segment, path=p)
         if a.window_ms is not None and not 0 < a.window_ms < MAX_TIME_MS:
             raise RuleError("a window must be longer than 0", segment=segment, path=p)
         if a.where is not None:
@@ -1052,6 +1287,15 @@ def to_text(node) -> str:
             if v.window_ms is not None:
                 s += ", " + _fmt_dur(v.window_ms)
             return f"{v.fn}({s})"
+        if isinstance(v, Local):
+            return v.field
+        if isinstance(v, Sessions):
+            s = "session" + (f".{v.metric}" if v.metric else "")
+            if v.window_ms is not None:
+                s += ", " + _fmt_dur(v.window_ms)
+            return f"{v.fn}({s})"
+        if isinstance(v, LastSession):
+            return f"last_session.{v.metric}"
         if isinstance(v, Arith):
             r = val(v.right)
             if isinstance(v.right, Arith):
@@ -1086,6 +1330,23 @@ def to_text(node) -> str:
             return f"bucket({c.lo}, {c.hi})"
         if isinstance(c, Inactive):
             return f"inactive({_fmt_dur(c.window_ms)})"
+        if isinstance(c, InSession):
+            return "in_session"
+        if isinstance(c, Seq):
+            steps = []
+            for st in c.steps:
+                x = ("not " if st.negated else "") + st.event
+                if st.where is not None:
+                    x += " where " + cond(st.where, 0)
+                steps.append(x)
+            s = "seq(" + ", ".join(steps)
+            if c.by is not None:
+                s += f" by {c.by}"
+            if c.within_ms is not None:
+                s += f" within {_fmt_dur(c.within_ms)}"
+            if c.window_ms is not None:
+                s += f", {_fmt_dur(c.window_ms)}"
+            return s + ")"
         if isinstance(c, Abandoned):
             s = f"abandoned({c.a}, {c.b}, {_fmt_dur(c.within_ms) if c.within_ms else '0ms'})"
             return s + (f" by {c.by}" if c.by else "")
