@@ -13,6 +13,12 @@ some atom of some rule can change value, every rule is constant. Since every eve
   (the event leaves that window: it was in for ``[ts, ts + W)``);
 * ``e.ts + W`` for any event and ``inactive(W)`` (true from ``last_seen + W``);
 * ``e.ts + T`` for an ``A`` event and ``abandoned(A, B, T)`` (true from ``latest A + T``);
+* ``e.ts + W`` for any event and a session aggregate over the window ``W`` (a session leaves
+  it at ``start + W``, and every start is an event's ts); ``e.ts + T`` for any event and
+  ``in_session`` (false from ``last_seen + T``, ``T`` the session timeout);
+* ``e.ts + W`` for an event of the first step of ``seq(..., W)`` (a match leaves the window at
+  ``t1 + W``); for ``seq(A, not B within D[, W])``, ``e.ts + D`` (an ``A`` counts from
+  ``tA + D``) and ``e.ts + W`` for an ``A`` event;
 * ``X - 1, X, X + 1`` for every comparison with ``now``, where ``X`` is the instant at which the
   comparison, a linear function of ``now`` with slope +-1, crosses zero (computed exactly by
   evaluating both sides at ``now = 0`` and ``now = 1``).
@@ -56,7 +62,7 @@ from segcore.errors import EventError, RuleError, SegcoreError
 from segcore.hashing import bucket_of
 
 from . import _query
-from ._eval import MISSING, Event, Evaluator, has_now, is_num, walk
+from ._eval import MISSING, Event, Evaluator, has_now, is_num, local_time, walk, zone
 
 try:                                    # the lead unifies the type later
     from segcore.engine import Transition  # type: ignore[attr-defined]
@@ -103,7 +109,7 @@ class _User:
 
     __slots__ = ("uid", "number", "order", "events", "by_type", "traits", "scores", "memb",
                  "bucket", "cand_key", "cand_ev", "cand_now", "due", "due_key", "pending",
-                 "jstate", "hist", "chist")
+                 "jstate", "hist", "chist", "mtop")
 
     def __init__(self, uid, number: int, order: int, seed: int):
         self.uid = uid                  # the id as given (int or str)
@@ -125,6 +131,7 @@ class _User:
         self.jstate: dict[str, list[int]] = {}   # journey name -> [step, due, since]
         self.hist: dict[str, list[int]] = {}     # trigger name -> delivered instants
         self.chist: dict[str, list[int]] = {}    # channel -> delivered instants
+        self.mtop = 0                        # the largest mrank of its events (mode ties)
 
 
 class _Row(msgspec.Struct):
@@ -261,6 +268,21 @@ def _prop_value(v):
     raise TypeError(type(v).__name__)
 
 
+def _check_tz(v, index) -> None:
+    """Trait ``tz`` (unless None/NaN, which delete it) must name a zone zoneinfo can load."""
+    v = _scalar(v)
+    if v is None or isinstance(v, float) and math.isnan(v):
+        return
+    if isinstance(v, str):
+        try:
+            zone(v)
+            return
+        except Exception:               # an unknown zone, or a key like "../x"
+            pass
+    raise EventError(f"trait `tz` must be an IANA timezone name such as \"Europe/Stockholm\", "
+                     f"got {v!r}", index=index, field="traits.tz")
+
+
 def _column(col, name: str) -> list:
     """A batch column as a list of Python objects."""
     if isinstance(col, (str, bytes)) or not hasattr(col, "__len__"):
@@ -296,6 +318,15 @@ class RefEngine:
         a duplicate.
     event_types : collection of str, optional
         When given, the only event types rules may use and events may have.
+    max_queued_firings : int, default 1_000_000
+        Firings kept for :meth:`drain_firings` (the oldest are dropped past it).
+    session_timeout : str or int, default "30m"
+        The session timeout ``T`` (docs/patterns.md): consecutive events less than ``T``
+        apart are one session. Must be longer than 0.
+    seq_max_events : int, default 1024
+        Accepted for compatibility with :class:`segcore.Engine` (the cap of the events kept
+        per user and ``seq``); the reference keeps every event and never evicts, so
+        ``stats()["seq_evicted"]`` is always 0.
 
     Attributes
     ----------
@@ -352,7 +383,15 @@ class RefEngine:
     """
 
     def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
-                 dedup_horizon="1d", event_types=None, max_queued_firings: int = 1_000_000):
+                 dedup_horizon="1d", event_types=None, max_queued_firings: int = 1_000_000,
+                 session_timeout="30m", seq_max_events: int = 1024):
+        self._session_ms = R.parse_duration(session_timeout)
+        if self._session_ms <= 0:
+            raise SegcoreError("session_timeout must be longer than 0")
+        if isinstance(seq_max_events, bool) or not isinstance(seq_max_events, int) \
+                or seq_max_events < 1:
+            raise SegcoreError("seq_max_events must be an int >= 1")
+        self._seq_max = seq_max_events       # accepted only: the reference never evicts
         self._clock = clock
         self._max_future = R.parse_duration(max_future)
         self._seed = int(seed)
@@ -391,7 +430,7 @@ class RefEngine:
         self._held: list = []       # transitions of catch-ups, returned by the next call
         self._call_firings: list = []                # firings of the current call, in order
         self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
-                       "firings": 0, "suppressed": 0, "firings_dropped": 0}
+                       "firings": 0, "suppressed": 0, "firings_dropped": 0, "seq_evicted": 0}
 
     # ================================================================== time
     def _clock_ms(self) -> int | None:
@@ -431,7 +470,7 @@ class RefEngine:
         or None when a term is missing (then it is false at every instant)."""
         f = []
         for t in (0, 1):
-            ev = Evaluator(user, t, {}, user.bucket)
+            ev = Evaluator(user, t, {}, user.bucket, session_ms=self._session_ms)
             a = ev.value(node.left, exact=True)
             b = ev.value(node.right, exact=True)
             if a is MISSING or b is MISSING:
@@ -446,7 +485,7 @@ class RefEngine:
         """Membership of ``user`` in every segment at instant ``t``, in evaluation order, so
         that ``in(S)`` sees the membership of S at the same instant."""
         memb: dict[str, bool] = {}
-        ev = Evaluator(user, t, memb, user.bucket, self._now_ids)
+        ev = Evaluator(user, t, memb, user.bucket, self._now_ids, session_ms=self._session_ms)
         for name in self._topo:
             memb[name] = bool(ev.cond(self._ast[name]))
         return memb
@@ -610,7 +649,8 @@ class RefEngine:
                            f"journey {j.name} step {k + 1}", channel=step.channel,
                            journey=j.name, step=k)
                 if step.only_if is not None and not Evaluator(
-                        user, c, cur, user.bucket).cond(step.only_if):
+                        user, c, cur, user.bucket,
+                        session_ms=self._session_ms).cond(step.only_if):
                     f = msgspec.structs.replace(f, delivered=False, suppressed_by="only_if")
                 else:
                     f = self._cap(user, c, f)
@@ -758,10 +798,12 @@ class RefEngine:
                 raise RuleError(f"unknown segment `{ref}`{hint}", segment=name)
         if self._event_types is not None:
             for n in walk(rule):
-                for ev in (getattr(n, "event", None), getattr(n, "a", None),
-                           getattr(n, "b", None)):
-                    if isinstance(n, (R.Agg, R.First, R.Last, R.Abandoned)) and ev is not None \
-                            and ev not in self._event_types:
+                evs = [getattr(n, "event", None), getattr(n, "a", None), getattr(n, "b", None)]
+                if isinstance(n, R.Seq):
+                    evs = [st.event for st in n.steps]
+                for ev in evs:
+                    if isinstance(n, (R.Agg, R.First, R.Last, R.Abandoned, R.Seq)) \
+                            and ev is not None and ev not in self._event_types:
                         raise RuleError(f"unknown event type `{ev}`", segment=name)
         return rule, R.to_text(rule)
 
@@ -771,7 +813,11 @@ class RefEngine:
         # Durations after which an event of a given type (None: of any type) may make a rule
         # flip: an E event leaves the window W of every aggregate over E at ts + W; the latest
         # event makes inactive(W) true at ts + W; the latest A makes abandoned(A, B, T) true
-        # at ts + T. Comparisons with `now` get their own exact flip instants (_now_flip).
+        # at ts + T; a session leaves the window W of a session aggregate at start + W (a
+        # start is an event's ts); in_session turns false at last_seen + T (the timeout); a
+        # seq match leaves the window at t1 + W (t1: an event of the first step); an A of
+        # seq(A, not B within D[, W]) counts from tA + D until tA + W. Comparisons with `now`
+        # get their own exact flip instants (_now_flip). (share and mode are windowed Aggs.)
         durations: dict[str | None, set[int]] = {}
         now_cmps = []
         numeric: dict[str, dict[str, str]] = {}
@@ -786,6 +832,17 @@ class RefEngine:
                     durations.setdefault(None, set()).add(n.window_ms)
                 elif isinstance(n, R.Abandoned):
                     durations.setdefault(n.a, set()).add(n.within_ms)
+                elif isinstance(n, R.Sessions):
+                    if n.window_ms is not None:
+                        durations.setdefault(None, set()).add(n.window_ms)
+                elif isinstance(n, R.InSession):
+                    durations.setdefault(None, set()).add(self._session_ms)
+                elif isinstance(n, R.Seq):
+                    first = n.steps[0].event
+                    if n.steps[-1].negated:
+                        durations.setdefault(first, set()).add(n.within_ms)
+                    if n.window_ms is not None:
+                        durations.setdefault(first, set()).add(n.window_ms)
                 elif isinstance(n, R.Compare) and has_now(n):
                     now_cmps.append(n)
         self._durations = {k: tuple(sorted(v)) for k, v in durations.items()}
@@ -985,7 +1042,11 @@ class RefEngine:
                 self._ids[row.id] = self._now
             number = self._number(plan, row.user, i)     # already assigned: a lookup
             user = self._user(row.user, number)
-            e = Event(ts, row.event, row.props, self._arrival)
+            # dated in the user's timezone (trait `tz`) as it is when the event is accepted
+            tz = user.traits.get("tz")
+            local = local_time(ts, _dt.timezone.utc if tz is None else zone(tz))
+            # mode ties: it arrives after every event the user has, merged ones included
+            e = Event(ts, row.event, row.props, self._arrival, local, user.mtop)
             self._arrival += 1
             user.events.append(e)
             user.by_type.setdefault(row.event, []).append(e)
@@ -1079,6 +1140,8 @@ class RefEngine:
             if not isinstance(k, str) or not k:
                 raise EventError(f"{kind} names must be non-empty strings, got {k!r}",
                                  index=index, field=kind)
+            if kind == "traits" and k == "tz":
+                _check_tz(v, index)
             if kind == "scores":
                 v = _scalar(v)
                 finite = (isinstance(v, int) and not isinstance(v, bool)
@@ -1179,7 +1242,13 @@ class RefEngine:
             return self._finish(out)
         self._commit_numbers(plan)
         rn = self._user(n, self._number(plan, n, None))
+        # For the ties of `mode`, old's events count as arriving after new's (keeping their
+        # own order): their rank goes above every rank of new's events.
+        m = 1 + max((e.mrank for e in rn.events), default=0)
+        for e in ro.events:
+            e.mrank += m
         rn.events = sorted(rn.events + ro.events, key=lambda e: e.arrival)
+        rn.mtop = max((e.mrank for e in rn.events), default=0)
         rn.by_type = {}
         for e in rn.events:
             rn.by_type.setdefault(e.type, []).append(e)

@@ -50,6 +50,9 @@ cdef enum:
     K_ABANDON = 8
     K_ABANDON_BY = 9
     K_SUM = 10
+    K_MODE = 11
+    K_SEQ = 12
+    K_SESS = 13
     A_CONST = 0
     A_COUNTK = 1
     A_NUM = 2
@@ -58,6 +61,8 @@ cdef enum:
     A_BUCKET = 5
     A_IN = 6
     A_ABANDON = 7
+    A_MODE = 8
+    A_SEQ = 9
     OP_EQ = 0
     OP_NE = 1
     OP_LT = 2
@@ -70,6 +75,7 @@ cdef enum:
     T_SCORE = 2
     T_ADD = 3
     T_SUB = 4
+    T_DIV = 5
     FN_COUNT = 0
     FN_SUM = 1
     FN_AVG = 2
@@ -77,6 +83,10 @@ cdef enum:
     FN_MAX = 4
     FN_DISTINCT = 5
     FN_TS = 6
+    FN_EV = 8          # session aggregates: FN_SUM + FN_EV ... over `events` (else duration)
+    FN_LAST_DUR = 13
+    FN_LAST_EV = 14
+    MAX_STEPS = 16
     P_ATOM = 0
     P_AND = 1
     P_OR = 2
@@ -128,6 +138,22 @@ cdef inline bint entry_key_less(const Entry& a, const Entry& b) noexcept nogil:
     return a.key < b.key
 
 
+cdef inline bint entry_ts_less(const Entry& a, const Entry& b) noexcept nogil:
+    return a.ts < b.ts
+
+
+cdef inline bint entry_key_val_less(const Entry& a, const Entry& b) noexcept nogil:
+    return a.key < b.key or (a.key == b.key and a.val < b.val)
+
+
+cdef inline bint entry_key_ts_less(const Entry& a, const Entry& b) noexcept nogil:
+    if a.key != b.key:
+        return a.key < b.key
+    if a.ts != b.ts:
+        return a.ts < b.ts
+    return a.val < b.val
+
+
 def _i32(x):
     return np.ascontiguousarray(x, dtype=np.int32)
 
@@ -149,7 +175,9 @@ cdef class Kernel:
     cdef readonly int n_trait, n_score, n_filter, n_val, n_key
     cdef int32_t[::1] f_kind, f_event, f_event2, f_filter, f_val, f_key, f_k, f_ioff, f_foff
     cdef int32_t[::1] f_var, f_fn
-    cdef int64_t[::1] f_window
+    cdef int64_t[::1] f_window, f_span
+    cdef int32_t[::1] sq_start, sq_event, sq_filter, sq_neg
+    cdef readonly int64_t seq_cap, seq_evicted
     cdef int32_t[::1] lst_start, lst_feat, any_feat
     cdef int32_t[::1] time_feats
     cdef int32_t[::1] a_kind, a_op, a_f, a_t0, a_t1, a_t2, a_t3, a_s
@@ -209,6 +237,13 @@ cdef class Kernel:
         self.f_foff = _i32(plan["f_foff"])
         self.f_var = _i32(plan["f_var"])
         self.f_window = _i64(plan["f_window"])
+        self.f_span = _i64(plan.get("f_span", np.zeros(self.n_feat, np.int64)))
+        self.sq_start = _i32(plan.get("sq_start", np.zeros(self.n_feat + 1, np.int32)))
+        self.sq_event = _i32(plan.get("sq_event", []))
+        self.sq_filter = _i32(plan.get("sq_filter", []))
+        self.sq_neg = _i32(plan.get("sq_neg", []))
+        self.seq_cap = int(plan.get("seq_cap", 1024))
+        self.seq_evicted = 0
         self.lst_start = _i32(plan["lst_start"])
         self.lst_feat = _i32(plan["lst_feat"])
         self.any_feat = _i32(plan["any_feat"])
@@ -273,7 +308,7 @@ cdef class Kernel:
         if self.irow_init.shape[0] != self.istride or self.frow_init.shape[0] != self.fstride:
             raise ValueError("plan: row template sizes do not match strides")
         for name in ("f_event", "f_event2", "f_filter", "f_val", "f_key", "f_k", "f_ioff",
-                     "f_foff", "f_var", "f_window"):
+                     "f_foff", "f_var", "f_window", "f_span"):
             if getattr(self, "_len_" + name)() != self.n_feat:
                 raise ValueError(f"plan: {name} has the wrong length")
         for f in range(self.n_feat):
@@ -284,12 +319,37 @@ cdef class Kernel:
             if self.f_filter[f] >= self.n_filter or self.f_val[f] >= self.n_val \
                     or self.f_key[f] >= self.n_key or self.f_var[f] >= self.n_var:
                 raise ValueError("plan: feature column out of range")
-            if self.f_kind[f] in (K_WLIST, K_DISTINCT, K_ABANDON_BY) and self.f_var[f] < 0:
+            if self.f_kind[f] in (K_WLIST, K_DISTINCT, K_ABANDON_BY, K_MODE, K_SEQ, K_SESS) \
+                    and self.f_var[f] < 0:
                 raise ValueError("plan: variable feature without a pool")
-            if self.f_kind[f] == K_ABANDON_BY and self.f_key[f] < 0:
-                raise ValueError("plan: keyed abandon without a key column")
-            if self.f_kind[f] < K_TOPK or self.f_kind[f] > K_SUM:
+            if self.f_kind[f] in (K_ABANDON_BY, K_MODE) and self.f_key[f] < 0:
+                raise ValueError("plan: keyed feature without a key column")
+            if self.f_kind[f] < K_TOPK or self.f_kind[f] > K_SESS:
                 raise ValueError("plan: unknown feature kind")
+            if not 0 <= self.f_window[f] < (<int64_t>1 << 48) or \
+                    not 0 <= self.f_span[f] < (<int64_t>1 << 48):
+                raise ValueError("plan: window out of range")
+            if self.f_kind[f] == K_SESS and self.f_span[f] <= 0:
+                raise ValueError("plan: sessions need a timeout")
+            if not 0 <= self.sq_start[f] <= self.sq_start[f + 1] <= self.sq_event.shape[0]:
+                raise ValueError("plan: seq steps out of range")
+            if self.f_kind[f] == K_SEQ:
+                m = self.sq_start[f + 1] - self.sq_start[f]
+                if not 2 <= m <= MAX_STEPS:
+                    raise ValueError("plan: bad seq step count")
+                for i in range(self.sq_start[f], self.sq_start[f + 1]):
+                    if self.sq_neg[i] and (m != 2 or i != self.sq_start[f] + 1 or
+                                           self.f_span[f] <= 0):
+                        raise ValueError("plan: bad negated seq step")
+        if self.sq_start.shape[0] != self.n_feat + 1 or \
+                self.sq_filter.shape[0] != self.sq_event.shape[0] or \
+                self.sq_neg.shape[0] != self.sq_event.shape[0]:
+            raise ValueError("plan: seq arrays have the wrong length")
+        for i in range(self.sq_event.shape[0]):
+            if not -1 <= self.sq_filter[i] < self.n_filter:
+                raise ValueError("plan: seq filter out of range")
+        if self.seq_cap < 1:
+            raise ValueError("plan: seq_cap must be >= 1")
         for i in range(self.lst_feat.shape[0]):
             if not 0 <= self.lst_feat[i] < self.n_feat:
                 raise ValueError("plan: listener out of range")
@@ -315,8 +375,13 @@ cdef class Kernel:
                 raise ValueError("plan: term score out of range")
         for a in range(self.n_atom):
             k = self.a_kind[a]
-            if k in (A_COUNTK, A_ABANDON) and not 0 <= self.a_f[a] < self.n_feat:
+            if k in (A_COUNTK, A_ABANDON, A_MODE, A_SEQ) and not 0 <= self.a_f[a] < self.n_feat:
                 raise ValueError("plan: atom feature out of range")
+            if k == A_MODE and not (self.f_kind[self.a_f[a]] == K_MODE or (
+                    self.f_kind[self.a_f[a]] == K_WLIST and self.f_key[self.a_f[a]] >= 0)):
+                raise ValueError("plan: mode atom on a feature without values")
+            if k == A_SEQ and self.f_kind[self.a_f[a]] != K_SEQ:
+                raise ValueError("plan: seq atom on another feature")
             if k in (A_NUM, A_TIME):
                 if not (0 <= self.a_t0[a] <= self.a_t1[a] <= nt and
                         0 <= self.a_t2[a] <= self.a_t3[a] <= nt):
@@ -406,6 +471,7 @@ cdef class Kernel:
     def _len_f_foff(self): return self.f_foff.shape[0]
     def _len_f_var(self): return self.f_var.shape[0]
     def _len_f_window(self): return self.f_window.shape[0]
+    def _len_f_span(self): return self.f_span.shape[0]
     def _len_a_op(self): return self.a_op.shape[0]
     def _len_a_f(self): return self.a_f.shape[0]
     def _len_a_t0(self): return self.a_t0.shape[0]
@@ -641,6 +707,104 @@ cdef class Kernel:
                 vec[0][lo].ts = ts
             if e == self.f_event2[f] and ts > vec[0][lo].aux:
                 vec[0][lo].aux = ts
+        elif kind == K_MODE:
+            if key < 0:
+                return
+            self._mode_add(&self.pools[<size_t>u * self.n_var + self.f_var[f]], ts, key)
+        elif kind == K_SEQ:
+            self._seq_add(u, f, e, ts, fp, key)
+        elif kind == K_SESS:
+            self._sess_add(&self.pools[<size_t>u * self.n_var + self.f_var[f]], ts,
+                           self.f_window[f], self.f_span[f])
+
+    cdef void _mode_add(self, vector[Entry]* vec, int64_t ts, int64_t key) noexcept nogil:
+        # entries sorted by key: ts/val = the latest event (ts, per-user arrival stamp) of the
+        # value, aux = its count; the stamp is the number of events counted before this one
+        cdef size_t lo = 0, hi = vec.size(), mid, i
+        cdef int64_t total = 0
+        cdef Entry ent
+        for i in range(vec.size()):
+            total += vec[0][i].aux
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if vec[0][mid].key < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < vec.size() and vec[0][lo].key == key:
+            vec[0][lo].aux += 1
+            if ts >= vec[0][lo].ts:
+                vec[0][lo].ts = ts
+                vec[0][lo].val = <double>total
+            return
+        ent.ts = ts
+        ent.val = <double>total
+        ent.key = key
+        ent.aux = 1
+        vec.insert(vec.begin() + lo, ent)
+
+    cdef void _seq_add(self, uint32_t u, int f, int32_t e, int64_t ts, const uint8_t* fp,
+                       int64_t key) noexcept nogil:
+        # the user's events of the steps, sorted by (ts, arrival); aux = the steps they match
+        cdef int k, s0 = self.sq_start[f]
+        cdef int64_t mask = 0
+        cdef int64_t w = self.f_window[f]
+        cdef vector[Entry]* vec
+        cdef size_t n
+        cdef Entry ent
+        for k in range(s0, self.sq_start[f + 1]):
+            if self.sq_event[k] == e and (self.sq_filter[k] < 0 or fp[self.sq_filter[k]]):
+                mask |= (<int64_t>1) << (k - s0)
+        if mask == 0:
+            return
+        if self.f_key[f] >= 0 and key < 0:
+            return
+        if w > 0 and ts <= self.now - w:
+            return
+        vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+        ent.ts = ts
+        ent.val = 0
+        ent.key = key
+        ent.aux = mask
+        n = vec.size()
+        while n > 0 and vec[0][n - 1].ts > ts:
+            n -= 1
+        vec.insert(vec.begin() + n, ent)
+        if <int64_t>vec.size() > self.seq_cap:
+            vec.erase(vec.begin())
+            self.seq_evicted += 1
+
+    cdef void _sess_add(self, vector[Entry]* vec, int64_t ts, int64_t w,
+                        int64_t T) noexcept nogil:
+        # sessions sorted by start (ts); aux = end, key = number of events
+        cdef size_t n = vec.size(), i
+        cdef bint jp, jn
+        cdef Entry ent
+        if w > 0 and ts <= self.now - w - T:
+            return          # can no longer touch a session that starts inside the window
+        i = n
+        while i > 0 and vec[0][i - 1].ts > ts:
+            i -= 1
+        jp = i > 0 and ts - vec[0][i - 1].aux < T
+        jn = i < n and vec[0][i].ts - ts < T
+        if jp and jn:
+            if vec[0][i].aux > vec[0][i - 1].aux:
+                vec[0][i - 1].aux = vec[0][i].aux
+            vec[0][i - 1].key += vec[0][i].key + 1
+            vec.erase(vec.begin() + i)
+        elif jp:
+            if ts > vec[0][i - 1].aux:
+                vec[0][i - 1].aux = ts
+            vec[0][i - 1].key += 1
+        elif jn:
+            vec[0][i].ts = ts
+            vec[0][i].key += 1
+        else:
+            ent.ts = ts
+            ent.aux = ts
+            ent.key = 1
+            ent.val = 0
+            vec.insert(vec.begin() + i, ent)
 
     # ------------------------------------------------------------------ feature values
     cdef void _prune(self, uint32_t u, int f, int64_t t) noexcept nogil:
@@ -653,6 +817,158 @@ cdef class Kernel:
             i += 1
         if i:
             vec.erase(vec.begin(), vec.begin() + i)
+
+    cdef size_t _sess_lo(self, uint32_t u, int f, int64_t t) noexcept nogil:
+        """Drop the sessions that can no longer matter (windowed: ended at or before
+        ``t - W - T``); returns the index of the first one that started inside the window."""
+        cdef vector[Entry]* vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+        cdef int64_t w = self.f_window[f]
+        cdef size_t i = 0
+        cdef size_t n = vec.size()
+        if w == 0:
+            return 0
+        while i < n and vec[0][i].aux <= t - w - self.f_span[f]:
+            i += 1
+        if i:
+            vec.erase(vec.begin(), vec.begin() + i)
+            n = vec.size()
+        i = 0
+        while i < n and vec[0][i].ts <= t - w:
+            i += 1
+        return i
+
+    cdef int64_t _mode_key(self, uint32_t u, int f, int64_t t) noexcept nogil:
+        """The most frequent value code (ties: the latest event by ts, then arrival), or -1."""
+        cdef vector[Entry]* vec
+        cdef size_t i, n
+        cdef int64_t best = -1, cnt, bc = 0
+        cdef double pos, bp = -1
+        cdef int64_t bts = INT64_MIN
+        if self.f_kind[f] == K_MODE:
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            for i in range(vec.size()):
+                if vec[0][i].aux > bc or (vec[0][i].aux == bc and (
+                        vec[0][i].ts > bts or (vec[0][i].ts == bts and vec[0][i].val > bp))):
+                    bc = vec[0][i].aux
+                    bts = vec[0][i].ts
+                    bp = vec[0][i].val
+                    best = vec[0][i].key
+            return best
+        self._prune(u, f, t)
+        vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+        n = vec.size()
+        if n == 0:
+            return -1
+        self.scratch.assign(vec.begin(), vec.end())
+        for i in range(n):
+            self.scratch[i].val = <double>i         # position = (ts, arrival) order
+        sort(self.scratch.begin(), self.scratch.end(), entry_key_val_less)
+        cnt = 0
+        for i in range(n):
+            cnt += 1
+            if i + 1 == n or self.scratch[i + 1].key != self.scratch[i].key:
+                pos = self.scratch[i].val           # the group's latest position
+                if cnt > bc or (cnt == bc and pos > bp):
+                    bc = cnt
+                    bp = pos
+                    best = self.scratch[i].key
+                cnt = 0
+        return best
+
+    cdef bint _seq_eval(self, uint32_t u, int f, int64_t t, int64_t* nxt) noexcept nogil:
+        """Whether seq feature f holds at t; ``nxt``: the next instant > t it can change
+        without new events (docs/patterns.md)."""
+        cdef vector[Entry]* vec
+        cdef int64_t w = self.f_window[f]
+        cdef int64_t D = self.f_span[f]
+        cdef int s0 = self.sq_start[f]
+        cdef int m = self.sq_start[f + 1] - s0
+        cdef bint neg = self.sq_neg[s0 + m - 1] != 0
+        cdef bint keyed = self.f_key[f] >= 0
+        cdef int64_t L[MAX_STEPS]
+        cdef int64_t NL[MAX_STEPS]
+        cdef int64_t best = INT64_MIN, cand, ta, st, en
+        cdef size_t n, gs, ge, i, j, x, y
+        cdef int k
+        cdef bint res = False, cancelled
+        nxt[0] = INT64_MAX
+        if m < 1 or m > MAX_STEPS:
+            return False
+        if w > 0:
+            self._prune(u, f, t)
+        vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+        n = vec.size()
+        if n == 0:
+            return False
+        self.scratch.assign(vec.begin(), vec.end())
+        for i in range(n):
+            self.scratch[i].val = <double>i
+        if keyed:
+            sort(self.scratch.begin(), self.scratch.end(), entry_key_ts_less)
+        gs = 0
+        while gs < n:
+            ge = gs + 1
+            while ge < n and (not keyed or self.scratch[ge].key == self.scratch[gs].key):
+                ge += 1
+            if not neg:
+                for k in range(m):
+                    L[k] = INT64_MIN
+                i = gs
+                while i < ge:
+                    j = i
+                    while j < ge and self.scratch[j].ts == self.scratch[i].ts:
+                        j += 1
+                    for k in range(m):
+                        NL[k] = L[k]
+                    for x in range(i, j):
+                        for k in range(m):
+                            if not (self.scratch[x].aux >> k) & 1:
+                                continue
+                            if k == 0:
+                                cand = self.scratch[x].ts
+                            elif L[k - 1] != INT64_MIN and (
+                                    D == 0 or self.scratch[x].ts - L[k - 1] < D):
+                                cand = L[k - 1]
+                            else:
+                                continue
+                            if cand > NL[k]:
+                                NL[k] = cand
+                    for k in range(m):
+                        L[k] = NL[k]
+                    i = j
+                if L[m - 1] > best:
+                    best = L[m - 1]
+            else:
+                for x in range(gs, ge):
+                    if not self.scratch[x].aux & 1:
+                        continue
+                    ta = self.scratch[x].ts
+                    y = x
+                    while y > gs and self.scratch[y - 1].ts >= ta:
+                        y -= 1
+                    cancelled = False
+                    while y < ge and self.scratch[y].ts < ta + D:
+                        if y != x and self.scratch[y].ts >= ta and (self.scratch[y].aux >> 1) & 1:
+                            cancelled = True
+                            break
+                        y += 1
+                    if cancelled:
+                        continue
+                    st = ta + D
+                    en = ta + w if w > 0 else INT64_MAX
+                    if st <= t < en:
+                        res = True
+                        if en < nxt[0]:
+                            nxt[0] = en
+                    elif st > t and st < en and st < nxt[0]:
+                        nxt[0] = st
+            gs = ge
+        if not neg:
+            if best != INT64_MIN and (w == 0 or best > t - w):
+                res = True
+                if w > 0:
+                    nxt[0] = best + w
+        return res
 
     cdef int64_t _topk_count(self, uint32_t u, int f, int64_t t) noexcept nogil:
         cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
@@ -710,6 +1026,8 @@ cdef class Kernel:
         if kind == K_DISTINCT:
             out[0] = <double>self.pools[<size_t>u * self.n_var + self.f_var[f]].size()
             return True
+        if kind == K_SESS:
+            return self._sess_value(u, f, fn, t, out)
         if kind == K_WLIST:
             self._prune(u, f, t)
             vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
@@ -749,6 +1067,44 @@ cdef class Kernel:
             return True
         return False
 
+    cdef bint _sess_value(self, uint32_t u, int f, int fn, int64_t t,
+                          double* out) noexcept nogil:
+        cdef size_t lo = self._sess_lo(u, f, t), i, n
+        cdef vector[Entry]* vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+        cdef bint ev = fn >= FN_EV and fn < FN_LAST_DUR
+        cdef int base = fn - FN_EV if ev else fn
+        cdef double s = 0.0, m = 0.0, x
+        n = vec.size()
+        if fn == FN_LAST_DUR or fn == FN_LAST_EV:
+            if n == 0:
+                return False
+            out[0] = <double>(vec[0][n - 1].key if fn == FN_LAST_EV
+                              else vec[0][n - 1].aux - vec[0][n - 1].ts)
+            return True
+        if base == FN_COUNT:
+            out[0] = <double>(n - lo)
+            return True
+        if base == FN_SUM or base == FN_AVG:
+            for i in range(lo, n):
+                s += <double>(vec[0][i].key if ev else vec[0][i].aux - vec[0][i].ts)
+            if base == FN_SUM:
+                out[0] = s
+                return True
+            if n == lo:
+                return False
+            out[0] = s / <double>(n - lo)
+            return True
+        if base != FN_MIN and base != FN_MAX:
+            return False
+        if n == lo:
+            return False
+        for i in range(lo, n):
+            x = <double>(vec[0][i].key if ev else vec[0][i].aux - vec[0][i].ts)
+            if i == lo or (base == FN_MIN and x < m) or (base == FN_MAX and x > m):
+                m = x
+        out[0] = m
+        return True
+
     cdef bint _time_value(self, uint32_t u, int f, int64_t* out) noexcept nogil:
         cdef int64_t v = self.istate[<int64_t>u * self.istride + self.f_ioff[f]]
         if (self.f_kind[f] == K_FIRST and v == INT64_MAX) or \
@@ -781,6 +1137,17 @@ cdef class Kernel:
             if ist[0] != INT64_MIN and ist[1] < ist[0] and ist[0] + w > t:
                 return ist[0] + w
             return INT64_MAX
+        if kind == K_SESS:
+            if w == 0:
+                return INT64_MAX
+            i = self._sess_lo(u, f, t)
+            vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
+            if i < vec.size():
+                return vec[0][i].ts + w
+            return INT64_MAX
+        if kind == K_SEQ:
+            self._seq_eval(u, f, t, &best)
+            return best
         if kind == K_ABANDON_BY:
             vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
             for i in range(vec.size()):
@@ -818,6 +1185,11 @@ cdef class Kernel:
             elif k == T_SUB:
                 sp -= 1
                 st[sp - 1] = st[sp - 1] - st[sp]
+            elif k == T_DIV:
+                sp -= 1
+                if st[sp] == 0:
+                    return False        # share() of no events is missing
+                st[sp - 1] = st[sp - 1] / st[sp]
         out[0] = st[0]
         return True
 
@@ -896,6 +1268,17 @@ cdef class Kernel:
             return self.a_t0[a] <= self.bucket[u] <= self.a_t1[a]
         if kind == A_IN:
             return self.members[<int64_t>u * max(self.n_seg, 1) + f] != 0
+        if kind == A_MODE:
+            A = self._mode_key(u, f, t)
+            if A < 0:
+                return False
+            if self.a_op[a] == OP_EQ:
+                return A == self.a_c[a]
+            if self.a_op[a] == OP_NE:
+                return A != self.a_c[a]
+            return self.a_op[a] == OP_EXISTS
+        if kind == A_SEQ:
+            return self._seq_eval(u, f, t, &A)
         if kind == A_ABANDON:
             ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
             if self.f_kind[f] == K_ABANDON:
@@ -1279,6 +1662,7 @@ cdef class Kernel:
         cdef vector[Entry]* vs
         cdef vector[int64_t] slots
         cdef size_t x, y
+        cdef int64_t off
         cdef bint found
         if dst >= self.n_users or src >= self.n_users or dst == src:
             raise ValueError("merge_into: bad user indices")
@@ -1366,6 +1750,63 @@ cdef class Kernel:
                             break
                     if not found:
                         vd.push_back(vs[0][x])
+            elif kind == K_SEQ:
+                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
+                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
+                for x in range(vs.size()):          # keep (ts) order; src after dst on ties
+                    y = vd.size()
+                    while y > 0 and vd[0][y - 1].ts > vs[0][x].ts:
+                        y -= 1
+                    vd.insert(vd.begin() + y, vs[0][x])
+                while <int64_t>vd.size() > self.seq_cap:
+                    vd.erase(vd.begin())
+                    self.seq_evicted += 1
+            elif kind == K_MODE:
+                # src's events count as arriving after dst's: its stamps follow dst's
+                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
+                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
+                off = 0
+                for y in range(vd.size()):
+                    off += vd[0][y].aux
+                for x in range(vs.size()):
+                    found = False
+                    for y in range(vd.size()):
+                        if vd[0][y].key == vs[0][x].key:
+                            vd[0][y].aux += vs[0][x].aux
+                            if vs[0][x].ts >= vd[0][y].ts:
+                                vd[0][y].ts = vs[0][x].ts
+                                vd[0][y].val = vs[0][x].val + <double>off
+                            found = True
+                            break
+                    if not found:
+                        y = 0
+                        while y < vd.size() and vd[0][y].key < vs[0][x].key:
+                            y += 1
+                        vd.insert(vd.begin() + y, vs[0][x])
+                        vd[0][y].val += <double>off
+            elif kind == K_SESS:
+                # the sessions of the union of both users' events
+                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
+                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
+                self.scratch.assign(vd.begin(), vd.end())
+                for x in range(vs.size()):
+                    self.scratch.push_back(vs[0][x])
+                sort(self.scratch.begin(), self.scratch.end(), entry_ts_less)
+                vd.clear()
+                for x in range(self.scratch.size()):
+                    y = vd.size()
+                    if y and self.scratch[x].ts - vd[0][y - 1].aux < self.f_span[f]:
+                        if self.scratch[x].aux > vd[0][y - 1].aux:
+                            vd[0][y - 1].aux = self.scratch[x].aux
+                        vd[0][y - 1].key += self.scratch[x].key
+                    else:
+                        vd.push_back(self.scratch[x])
+
+    def take_evicted(self):
+        """The number of seq events evicted (docs/patterns.md) since the last call."""
+        n = self.seq_evicted
+        self.seq_evicted = 0
+        return n
 
     def forget(self, uint32_t u):
         """Erase user u's state: counters, windows, memberships, traits, scores, timers,

@@ -14,6 +14,9 @@ State chosen per aggregate (all exact):
   values; ``first/last/first_seen/last_seen`` keep one timestamp.
 * any other windowed aggregate keeps the matching events of the window (timestamp and value).
 * ``abandoned`` keeps the latest A and B timestamps (per key for ``by KEY``).
+* ``seq(...)`` keeps the user's events of its steps in its window (capped, docs/patterns.md);
+  sessions keep one entry per session that can still matter; all-time ``mode`` keeps a count
+  and the latest event per value (windowed ``mode`` shares the windowed ``distinct`` state).
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ __all__ = ["Plan", "compile_segments", "FeatureSpec"]
 
 # feature kinds (mirrored in _kernel.pyx)
 K_TOPK, K_COUNT, K_STATS, K_FIRST, K_LAST, K_WLIST, K_DISTINCT, K_ABANDON, K_ABANDON_BY, \
-    K_SUM = range(1, 11)
-TIME_KINDS = (K_TOPK, K_WLIST, K_ABANDON, K_ABANDON_BY)
-VAR_KINDS = (K_WLIST, K_DISTINCT, K_ABANDON_BY)
+    K_SUM, K_MODE, K_SEQ, K_SESS = range(1, 14)
+TIME_KINDS = (K_TOPK, K_WLIST, K_ABANDON, K_ABANDON_BY, K_SEQ, K_SESS)
+VAR_KINDS = (K_WLIST, K_DISTINCT, K_ABANDON_BY, K_MODE, K_SEQ, K_SESS)
 # atoms
-A_CONST, A_COUNTK, A_NUM, A_TIME, A_TRAIT, A_BUCKET, A_IN, A_ABANDON = range(8)
+A_CONST, A_COUNTK, A_NUM, A_TIME, A_TRAIT, A_BUCKET, A_IN, A_ABANDON, A_MODE, A_SEQ = range(10)
 OPS = {"==": 0, "!=": 1, "<": 2, "<=": 3, ">": 4, ">=": 5, "exists": 6}
 MIRROR = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
-T_CONST, T_FEAT, T_SCORE, T_ADD, T_SUB = range(5)
+T_CONST, T_FEAT, T_SCORE, T_ADD, T_SUB, T_DIV = range(6)
 FN = {"count": 0, "sum": 1, "avg": 2, "min": 3, "max": 4, "distinct": 5, "ts": 6}
+#: session aggregates over ``events`` are FN[fn] + FN_EV (over ``duration``: FN[fn])
+FN_EV, FN_LAST_DUR, FN_LAST_EV = 8, 13, 14
+#: the default session timeout (docs/patterns.md)
+SESSION_MS = 1_800_000
 P_ATOM, P_AND, P_OR, P_NOT = range(4)
 ANY = -1
 #: Largest K kept for a windowed count compared with a constant; above it the window's
@@ -53,11 +60,15 @@ class FeatureSpec(msgspec.Struct, frozen=True):
     event2: str | None = None  # B of abandoned
     where: bytes | None = None  # JSON of the where-AST
     val: str | None = None     # numeric property
-    key: str | None = None     # property used as a key (distinct, abandoned by)
+    key: str | None = None     # property used as a key (distinct, abandoned by, mode, seq)
     window_ms: int = 0         # 0 = all time; for abandoned, T
+    span_ms: int = 0           # seq: within (0 = no limit); sessions: the timeout
+    steps: tuple = ()          # seq: (event, where JSON or None, negated) per step
 
     @property
     def events(self) -> tuple:
+        if self.steps:
+            return tuple(dict.fromkeys(st[0] for st in self.steps))
         return tuple(e for e in (self.event, self.event2) if e is not None) \
             if self.event is not None else (None,)
 
@@ -79,6 +90,7 @@ class Plan:
         self.filter_events: list[set[str]] = []   # event types each where-filter applies to
         self.key_events: dict[str, set[str]] = {}  # key prop -> event types that read it
         self.arrays: dict = {}
+        self.local = False          # some where-clause reads `hour` / `weekday`
 
     def feature_index(self, spec: FeatureSpec) -> int | None:
         try:
@@ -88,9 +100,12 @@ class Plan:
 
 
 class _Builder:
-    def __init__(self, event_code: Callable[[str], int]):
+    def __init__(self, event_code: Callable[[str], int], value_code=None,
+                 session_ms: int = SESSION_MS):
         self.plan = Plan()
         self.event_code = event_code
+        self.value_code = value_code
+        self.session_ms = session_ms
         self._filters: dict[bytes, int] = {}
         self._traits: dict[bytes, int] = {}
         self._atoms: dict[tuple, int] = {}
@@ -147,6 +162,18 @@ class _Builder:
         elif isinstance(c, R.Not):
             self.cond(c.item, prog)
             prog.append((P_NOT, 0))
+        elif isinstance(c, R.InSession):
+            # in_session <=> last_seen > now - T: an age test on the shared last_seen
+            prog.append((P_ATOM, self.time_atom(
+                R.Compare(">", R.LastSeen(), R.Arith("-", R.Now(), R.Dur(self.session_ms))))))
+        elif isinstance(c, R.Seq):
+            steps = tuple((st.event, self.filter_id(st.where)[1], st.negated)
+                          for st in c.steps)
+            spec = FeatureSpec(K_SEQ, c.steps[0].event, key=c.by, window_ms=c.window_ms or 0,
+                               span_ms=c.within_ms or 0, steps=steps)
+            prog.append((P_ATOM, self.atom(A_SEQ, f=self.feature(spec))))
+        elif isinstance(c, R.Exists) and R._is_mode(c.value):
+            prog.append((P_ATOM, self.atom(A_MODE, OPS["exists"], f=self.mode_feature(c.value))))
         elif isinstance(c, R.Seen):
             # seen <=> first_seen exists: shares the timestamp `first_seen` rules keep anyway
             t0, t1 = self.side(R.FirstSeen())
@@ -202,6 +229,13 @@ class _Builder:
             raise RuleError(f"cannot compile `{type(c).__name__}`")
 
     def compare(self, c: R.Compare) -> int:
+        if R._is_mode(c.left) or R._is_mode(c.right):
+            mode, const = (c.left, c.right) if R._is_mode(c.left) else (c.right, c.left)
+            v = const.value if isinstance(const, (R.Num, R.Str)) else const.ms
+            if self.value_code is None:
+                raise RuleError("mode() needs an engine to intern values")
+            return self.atom(A_MODE, OPS[c.op], f=self.mode_feature(mode),
+                             c=self.value_code(v if isinstance(v, str) else v))
         nodes = [n for n in R._walk(c, into_where=False)]
         if any(isinstance(n, R.Now) for n in nodes):
             return self.time_atom(c)
@@ -248,10 +282,34 @@ class _Builder:
             self.terms.append((T_ADD if v.op == "+" else T_SUB, 0, 0, 0.0))
         elif isinstance(v, (R.FirstSeen, R.LastSeen, R.First, R.Last)):
             self.terms.append((T_FEAT, self.time_feature(v), FN["ts"], 0.0))
+        elif isinstance(v, R.Agg) and v.fn == "share":
+            # share = count(E where P, W) / count(E, W); missing when the latter is 0
+            self.terms.append((T_FEAT, self.agg_feature(R.Agg("count", v.event, None, v.where,
+                                                              v.window_ms)), FN["count"], 0.0))
+            self.terms.append((T_FEAT, self.agg_feature(R.Agg("count", v.event, None, None,
+                                                              v.window_ms)), FN["count"], 0.0))
+            self.terms.append((T_DIV, 0, 0, 0.0))
         elif isinstance(v, R.Agg):
             self.terms.append((T_FEAT, self.agg_feature(v), FN[v.fn], 0.0))
+        elif isinstance(v, R.Sessions):
+            f = self.feature(FeatureSpec(K_SESS, None, window_ms=v.window_ms or 0,
+                                         span_ms=self.session_ms))
+            fn = FN[v.fn] + (FN_EV if v.metric == "events" else 0)
+            self.terms.append((T_FEAT, f, fn, 0.0))
+        elif isinstance(v, R.LastSession):
+            f = self.feature(FeatureSpec(K_SESS, None, span_ms=self.session_ms))
+            self.terms.append((T_FEAT, f, FN_LAST_EV if v.metric == "events" else FN_LAST_DUR,
+                               0.0))
         else:  # pragma: no cover
             raise RuleError(f"cannot compile value `{type(v).__name__}`")
+
+    def mode_feature(self, a: R.Agg) -> int:
+        _, fkey = self.filter_id(a.where)
+        if a.window_ms is None:
+            return self.feature(FeatureSpec(K_MODE, a.event, where=fkey, key=a.prop))
+        # the same state as a windowed distinct of the property
+        return self.feature(FeatureSpec(K_WLIST, a.event, where=fkey, key=a.prop,
+                                        window_ms=a.window_ms))
 
     def time_feature(self, v) -> int:
         if isinstance(v, R.FirstSeen):
@@ -307,7 +365,8 @@ class _Builder:
 
 
 def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
-                     items: list[dict] | None = None) -> Plan:
+                     items: list[dict] | None = None, *, value_code=None,
+                     session_ms: int = SESSION_MS, seq_cap: int = 1024) -> Plan:
     """Compile segments (name -> AST, in definition order) into a :class:`Plan`.
 
     ``event_code(name)`` interns an event type and returns its code; it is called for every
@@ -315,6 +374,9 @@ def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
     items (triggers and journeys, docs/triggers.md) in registration order: dicts with
     ``kind`` ("trigger" or "journey"), ``segment``, and ``enter`` and ``delay_ms`` (triggers) or
     ``steps`` (list of ``(delay_ms, only_if segment name or None)``) and ``exits`` (journeys).
+    ``value_code(v)`` interns a property value (the constants ``mode(...)`` is compared with);
+    ``session_ms`` is the session timeout and ``seq_cap`` the most events a ``seq`` keeps per
+    user (docs/patterns.md).
     """
     deps = {name: R.references(ast) for name, ast in asts.items()}
     for name, refs in deps.items():
@@ -322,7 +384,7 @@ def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
             if r not in asts:
                 raise RuleError(f"unknown segment `{r}`{R._suggest(r, asts)}", segment=name)
     order = R.topo_order(deps)
-    b = _Builder(event_code)
+    b = _Builder(event_code, value_code, session_ms)
     b.seg_index = {name: i for i, name in enumerate(order)}
     progs = []
     for name in order:
@@ -333,6 +395,8 @@ def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
     p.names = order
     p.asts = dict(asts)
     _layout(p, b, progs, event_code)
+    p.arrays["seq_cap"] = seq_cap
+    p.local = any(isinstance(n, R.Local) for w in p.filters for n in R._walk(w))
     p.arrays.update(_item_arrays(items or [], b.seg_index))
     return p
 
@@ -418,6 +482,9 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
     for spec in p.features:
         if spec.where is not None:
             p.filter_events[filt[spec.where]].add(spec.event)
+        for ev, where, _ in spec.steps:
+            if where is not None:
+                p.filter_events[filt[where]].add(ev)
         if spec.key is not None:
             p.key_events.setdefault(spec.key, set()).update(spec.events)
     es_start, es_list, time_segs = _segment_index(p, b, progs, codes, n_codes)
@@ -432,6 +499,12 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
         f_k=p.feature_k,
         f_ioff=f_ioff, f_foff=f_foff, f_var=f_var,
         f_window=[s.window_ms for s in p.features],
+        f_span=np.array([s.span_ms for s in p.features], dtype=np.int64),
+        sq_start=np.cumsum([0] + [len(s.steps) for s in p.features]).astype(np.int32),
+        sq_event=[event_code(st[0]) for s in p.features for st in s.steps],
+        sq_filter=[-1 if st[1] is None else filt[st[1]] for s in p.features
+                   for st in s.steps],
+        sq_neg=[int(st[2]) for s in p.features for st in s.steps],
         lst_start=lst_start, lst_feat=lst_feat, any_feat=codes.get(ANY, []),
         time_feats=[i for i, s in enumerate(p.features) if s.kind in TIME_KINDS],
         a_kind=[a[0] for a in atoms], a_op=[a[1] for a in atoms], a_f=[a[2] for a in atoms],
@@ -466,7 +539,7 @@ def _segment_index(p: Plan, b: _Builder, progs: list, codes: dict, n_codes: int)
             if op != P_ATOM:
                 continue
             kind, _, f, t0, t1, t2, t3 = b.atoms[arg][:7]
-            if kind in (A_COUNTK, A_ABANDON):
+            if kind in (A_COUNTK, A_ABANDON, A_MODE, A_SEQ):
                 fs.add(f)
             elif kind == A_IN:
                 rs.add(f)

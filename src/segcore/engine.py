@@ -39,6 +39,7 @@ from ._kernel import IdMap, Kernel
 from .compile import Plan, compile_segments, feature_map
 from .errors import EventError, RuleError, SegcoreError, ShardGap, SnapshotError
 from .hashing import bucket_of, buckets_of_ints
+from .localtime import TZ_TRAIT, check_tz, hours_weekdays
 from .triggers import (Firing, Journey, JourneySpec, Policies, StepSpec, TriggerSpec,
                        check_name, parse_max_per)
 
@@ -274,7 +275,7 @@ def test_value(node, v) -> bool:
     if isinstance(node, R.Exists):
         return True
     if isinstance(node, R.Compare):
-        if isinstance(node.left, (R.Prop, R.Trait)):
+        if isinstance(node.left, (R.Prop, R.Trait, R.Local)):
             return _cmp(node.op, v, _const(node.right))
         return _cmp(node.op, _const(node.left), v)
     if isinstance(node, R.InList):
@@ -299,6 +300,8 @@ def _leaf_name(node) -> tuple[str, str]:
             return "prop", n.name
         if isinstance(n, R.Trait):
             return "trait", n.name
+        if isinstance(n, R.Local):
+            return "local", "@" + n.field
     raise TypeError(node)  # pragma: no cover
 
 
@@ -449,7 +452,7 @@ class Engine:
     def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
                  dedup_horizon="1d", event_types: Iterable[str] | None = None,
                  max_queued_firings: int = 1_000_000, wal: str | os.PathLike | None = None,
-                 fsync: str = "always"):
+                 fsync: str = "always", session_timeout="30m", seq_max_events: int = 1024):
         if clock is not None and not callable(clock):
             raise SegcoreError("clock must be a callable returning seconds (like time.time)")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -458,6 +461,13 @@ class Engine:
         self._max_future_ms = R.parse_duration(max_future)
         self._seed = seed
         self._dedup_ms = R.parse_duration(dedup_horizon)
+        self._session_ms = R.parse_duration(session_timeout)
+        if self._session_ms <= 0:
+            raise SegcoreError("session_timeout must be longer than 0")
+        if isinstance(seq_max_events, bool) or not isinstance(seq_max_events, int) \
+                or seq_max_events < 1:
+            raise SegcoreError("seq_max_events must be an int >= 1")
+        self._seq_cap = seq_max_events
         self._event_types = None if event_types is None else set(event_types)
         # ids
         self._int_dense = IdMap()                  # int user id -> dense index
@@ -483,7 +493,7 @@ class Engine:
         # segments
         self._asts: dict[str, R.Cond] = {}
         self._texts: dict[str, str] = {}
-        self._set_plan(compile_segments({}, self._event_code))
+        self._set_plan(self._compile({}, []))
         self._kernel = Kernel(self._plan.arrays)
         self._bitmaps: dict[str, BitMap] = {}
         self._all = BitMap()
@@ -497,7 +507,8 @@ class Engine:
         self._queue: deque = deque()
         self._max_queue = max_queued_firings
         self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
-                       "batches": 0, "firings": 0, "suppressed": 0, "firings_dropped": 0}
+                       "batches": 0, "firings": 0, "suppressed": 0, "firings_dropped": 0,
+                       "seq_evicted": 0}
         # write-ahead log (segcore.wal)
         self._log = None
         self._replaying = False
@@ -516,6 +527,10 @@ class Engine:
         self._fsync = fsync
         if wal is not None:
             self._start_wal(os.fspath(wal))
+
+    def _compile(self, asts: dict, items: list) -> Plan:
+        return compile_segments(asts, self._event_code, items, value_code=self._value_code,
+                                session_ms=self._session_ms, seq_cap=self._seq_cap)
 
     def _set_plan(self, plan: Plan) -> None:
         self._plan = plan
@@ -797,8 +812,7 @@ class Engine:
         items = self._items if items is None else items
         hidden = self._hidden if hidden is None else hidden
         try:
-            plan = compile_segments({**asts, **hidden}, self._event_code,
-                                    [it.item() for it in items])
+            plan = self._compile({**asts, **hidden}, [it.item() for it in items])
         except RuleError as e:
             if e.segment is None and len(new_names) == 1:
                 raise e.with_segment(new_names[0]) from None
@@ -823,6 +837,7 @@ class Engine:
         self._catch_up(clock_ms)
         before = self._collect(self._kernel, tuple(old.names))
         fired = self._take_firings()
+        self._evicted()
         kernel = Kernel(plan.arrays)
         smap = np.array([old.names.index(n) if n in old.names else -1 for n in plan.names],
                         dtype=np.int32)
@@ -956,6 +971,8 @@ class Engine:
             if not isinstance(k, str) or not k:
                 raise EventError("trait names must be non-empty strings", field="traits")
             clean[k] = self._check_profile_value(v, "trait", k)
+            if k == TZ_TRAIT:
+                check_tz(clean[k])
         self._catch_up(clock_ms)
         self._create_users([user] if self._dense_of(user) is None else [])
         d = self._dense_of(user)
@@ -1106,8 +1123,13 @@ class Engine:
             self._create_users([user])
             d = self._dense_of(user)
         fbuf, vbuf, kbuf = self._one_bufs
+        get = props.get
+        if filters and self._plan.local:
+            (hour,), (day,) = hours_weekdays([t], [self._traits.get(d, TZ_TRAIT)])
+            local = {"@hour": hour, "@weekday": day}
+            get = lambda k: local[k] if k in local else props.get(k)  # noqa: E731
         for j, where in filters:
-            fbuf[j] = eval_cond_scalar(where, props.get)
+            fbuf[j] = eval_cond_scalar(where, get)
         for j, p in vals:
             v = props.get(p)
             vbuf[j] = np.nan if v is None else float(v)
@@ -1239,6 +1261,13 @@ class Engine:
             ecodes_tmp = known[inv] if len(names) else np.zeros(n, np.int32)
         else:
             ecodes_tmp = ecodes
+        if self._plan.local and self._plan.filters and n:
+            tzcol = self._traits.cols.get(TZ_TRAIT)
+            tzs = [None] * n if tzcol is None else \
+                [None if x < 0 else tzcol[x] for x in dense.tolist()]
+            hours, days = hours_weekdays(tss, tzs)
+            cols = {**cols, "@hour": np.array(hours, dtype=np.int64),
+                    "@weekday": np.array(days, dtype=object)}
         fpass, vals, keys = self._prop_columns(cols, n, ecodes_tmp, names, inv, single)
         keep = self._dedup(ids, tss) if ids is not None else None
         if keep is not None and not keep.all() and new_users:
@@ -1714,7 +1743,14 @@ class Engine:
             "firings_dropped": self._stats["firings_dropped"],
             "queued_firings": len(self._queue),
             "event_types": len(self._event_names), "memory_bytes": k["memory_bytes"],
+            "seq_evicted": self._evicted(),
         }
+
+    def _evicted(self) -> int:
+        """seq events evicted so far (docs/patterns.md), kept across plan changes."""
+        self._stats["seq_evicted"] = self._stats.get("seq_evicted", 0) + \
+            self._kernel.take_evicted()
+        return self._stats["seq_evicted"]
 
     def forget(self, user: UserId) -> bool:
         """Erase a user from every structure: per-user state in the kernel, memberships and
@@ -2285,6 +2321,9 @@ def _trait_columns(user, traits: Mapping) -> tuple[np.ndarray, dict]:
         if not isinstance(k, str) or not k:
             raise EventError("trait names must be non-empty strings", field="traits")
         cols[k] = _TraitStore.check_column(_as_column(col, n, f"traits.{k}"), k)
+        if k == TZ_TRAIT:
+            for i, v in enumerate(cols[k].tolist()):
+                check_tz(v, i)
     return users, cols
 
 

@@ -116,6 +116,8 @@ class Meta(msgspec.Struct, frozen=True):
     queue: list[Any]
     sections: list[Section]
     shard_seq: int = 0                       # last call applied from a ShardedEngine driver
+    session_ms: int = 1_800_000              # Engine(session_timeout=...)
+    seq_cap: int = 1024                      # Engine(seq_max_events=...)
 
 
 def _fail(reason: str) -> SnapshotError:
@@ -200,6 +202,7 @@ def state(eng) -> tuple["Meta", dict]:
     n = eng._n_users
     meta = Meta(
         max_future_ms=eng._max_future_ms, seed=eng._seed, dedup_ms=eng._dedup_ms,
+        session_ms=eng._session_ms, seq_cap=eng._seq_cap,
         event_types=None if eng._event_types is None else sorted(eng._event_types),
         max_queue=eng._max_queue,
         segments=list(eng._texts.items()),
@@ -318,7 +321,8 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     callbacks = dict(callbacks or {})
     eng = Engine(clock=clock, max_future=meta.max_future_ms, seed=meta.seed,
                  dedup_horizon=meta.dedup_ms, event_types=meta.event_types,
-                 max_queued_firings=meta.max_queue)
+                 max_queued_firings=meta.max_queue, session_timeout=meta.session_ms,
+                 seq_max_events=meta.seq_cap)
     for name in meta.event_names:
         if not name or eng._event_code(name) != len(eng._event_names) - 1:
             raise _fail("duplicate or empty event type")
@@ -348,7 +352,16 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     if callbacks:
         raise SegcoreError("callbacks for unknown triggers: "
                            + ", ".join(f"`{k}`" for k in sorted(callbacks)))
-    plan = compile_segments({**asts, **hidden}, eng._event_code, [it.item() for it in items])
+    # interned values first: the rules' mode() constants are looked up among them
+    eng._values = {}
+    for is_s, v in meta.values:
+        if is_s != isinstance(v, str):
+            raise _fail("bad interned value")
+        eng._values[(is_s, v)] = len(eng._values)
+    eng._value_keys = list(eng._values)
+    if len(eng._value_keys) != len(meta.values):
+        raise _fail("an interned value appears twice")
+    plan = eng._compile({**asts, **hidden}, [it.item() for it in items])
     if len(eng._event_names) != len(meta.event_names):
         raise _fail("the rules name event types the snapshot does not list")
     kernel = Kernel(plan.arrays)
@@ -402,14 +415,6 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     counts = np.zeros(max(16, len(meta.event_counts)), dtype=np.int64)
     counts[: len(meta.event_counts)] = meta.event_counts
     eng._event_counts = counts
-    eng._values = {}
-    for is_s, v in meta.values:
-        if is_s != isinstance(v, str):
-            raise _fail("bad interned value")
-        eng._values[(is_s, v)] = len(eng._values)
-    eng._value_keys = list(eng._values)
-    if len(eng._value_keys) != len(meta.values):
-        raise _fail("an interned value appears twice")
     eng._shard_seq = meta.shard_seq
     eng._seen_ids = dict(meta.seen_ids)
     eng._stats.update({k: int(v) for k, v in meta.stats.items() if k in eng._stats})
