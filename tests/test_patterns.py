@@ -378,3 +378,32 @@ def test_patterns_survive_a_snapshot(tmp_path):
     assert _tr(back.advance(sat + 2 * D)) == _tr(eng.advance(sat + 2 * D))
     assert back.track(1, "c", ts=sat + 2 * D, props={"ch": "sms"}) == eng.track(
         1, "c", ts=sat + 2 * D, props={"ch": "sms"})
+
+
+# ---------------------------------------------------------------- scale-out
+def test_sharded_engine_runs_patterns_like_one_engine(tmp_path):
+    from test_sharded import same
+    rules = {"f": "seq(view, cart by sku within 1h, 1d)", "ab": "seq(cart, not buy within 1h)",
+             "n": "count(session, 1d) >= 2", "live": "in_session",
+             "m": 'mode(view.sku, 1d) == "a"', "sh": 'share(view where sku == "a", 1d) > 0.5'}
+    one = segcore.Engine(session_timeout="20m")
+    many = segcore.ShardedEngine(3, None, session_timeout="20m", data_dir=tmp_path / "d")
+    same(one, many, one.add_segments(rules), many.add_segments(rules))
+    users = [1, 2, 3, "ann", "bob", 7]
+    rows = [(users[i % 6], ev, T0 + i * 7 * M + (i % 5) * S, {"sku": "ab"[i % 3 == 0]})
+            for i, ev in enumerate(["view", "cart", "buy", "view", "cart"] * 12)]
+    for k in range(0, len(rows), 9):
+        part = rows[k:k + 9]
+        cols = dict(user=[r[0] for r in part], event=[r[1] for r in part],
+                    ts=[r[2] for r in part], props={"sku": [r[3]["sku"] for r in part]})
+        same(one, many, one.track_many(**cols), many.track_many(**cols), f"rows {k}")
+    same(one, many, one.advance(T0 + 3 * D), many.advance(T0 + 3 * D), "advance")
+    many.close()
+    back = segcore.ShardedEngine.open(tmp_path / "d")
+    assert back._options["session_timeout"] == 20 * M
+    for name in rules:
+        assert back.members(name) == one.members(name)
+    with pytest.raises(RuleError, match="not supported on a ShardedEngine"):
+        back.add_segment("w", 'count(view where weekday == "sat") >= 1')
+    assert "w" not in back.segments
+    back.close()

@@ -521,6 +521,7 @@ class Engine:
         # the results of the latest calls, for a driver that re-sends one
         self._shard_seq = 0
         self._shard_results: dict[int, Any] = {}
+        self._no_local = False          # a ShardedEngine's schema engine refuses hour/weekday
         if fsync not in _wal.FSYNC_POLICIES:
             raise SegcoreError(f"fsync must be one of {', '.join(_wal.FSYNC_POLICIES)}, got "
                                f"{fsync!r}")
@@ -817,6 +818,11 @@ class Engine:
             if e.segment is None and len(new_names) == 1:
                 raise e.with_segment(new_names[0]) from None
             raise
+        if plan.local and self._no_local:
+            raise RuleError("`hour` and `weekday` need the user's timezone when the event "
+                            "arrives, which a ShardedEngine driver does not hold; they are "
+                            "not supported on a ShardedEngine",
+                            segment=new_names[0] if len(new_names) == 1 else None)
         old = self._plan
         fmap = feature_map(plan, old)
         # Features that start empty are exact only if no event they read was accepted yet;

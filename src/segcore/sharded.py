@@ -239,7 +239,8 @@ class ShardedEngine:
                  fsync: str = "always", clock: Callable[[], float] | None = None,
                  max_future="5m", seed: int = 0, dedup_horizon="1d",
                  max_queued_firings: int = 1_000_000, checkpoint_rows: int = 1_000_000,
-                 actor_options: dict | None = None, _layout: dict | None = None):
+                 actor_options: dict | None = None, session_timeout="30m",
+                 seq_max_events: int = 1024, _layout: dict | None = None):
         if isinstance(n_shards, bool) or not isinstance(n_shards, int) or not \
                 1 <= n_shards <= 4096:
             raise SegcoreError("n_shards must be an int in 1..4096")
@@ -258,9 +259,12 @@ class ShardedEngine:
         self.n_slots = slots
         self._clock = clock
         self._options = {"max_future": R.parse_duration(max_future), "seed": seed,
-                         "dedup_horizon": R.parse_duration(dedup_horizon)}
+                         "dedup_horizon": R.parse_duration(dedup_horizon),
+                         "session_timeout": R.parse_duration(session_timeout),
+                         "seq_max_events": seq_max_events}
         # the schema engine: rules, triggers, event codes, values, dedup ids; no users
         self._schema = Engine(**self._options)
+        self._schema._no_local = True
         self._max_future_ms = self._schema._max_future_ms
         self._dir = None if data_dir is None else os.path.abspath(os.fspath(data_dir))
         self._fsync = fsync
@@ -1061,7 +1065,9 @@ class ShardedEngine:
         opts = layout["options"]
         eng = cls(layout["n_shards"], None, backend, slots=layout["slots"],
                   max_future=opts["max_future"], seed=opts["seed"],
-                  dedup_horizon=opts["dedup_horizon"], _layout=layout, **kwargs)
+                  dedup_horizon=opts["dedup_horizon"],
+                  session_timeout=opts.get("session_timeout", "30m"),
+                  seq_max_events=opts.get("seq_max_events", 1024), _layout=layout, **kwargs)
         unknown = sorted(set(callbacks or {}) - set(eng._fns))
         if unknown:
             eng.close()

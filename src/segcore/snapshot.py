@@ -212,7 +212,7 @@ def state(eng) -> tuple["Meta", dict]:
         event_counts=[int(c) for c in eng._event_counts[: len(eng._event_names)]],
         values=[(k[0], k[1]) for k in eng._values],
         n_users=n, erased=sorted(eng._erased), now=int(ks["now"]), str_users=sorted(eng._str_num.items()), next_str=eng._next_str,
-        stats=dict(eng._stats),
+        stats={**eng._stats, "seq_evicted": eng._evicted()},
         seen_ids=list(eng._seen_ids.items()),
         traits={k: [_plain(v) for v in col[:n].tolist()] for k, col in eng._traits.cols.items()},
         scores=sorted((d, dict(v)) for d, v in eng._scores.items()),
