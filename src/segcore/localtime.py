@@ -5,6 +5,8 @@ The timezone is the user's trait ``tz``, an IANA name resolved with :mod:`zonein
 
 >>> hours_weekdays([0, 1_700_000_000_000], ["UTC", "Europe/Stockholm"])
 ([0, 23], ['thu', 'tue'])
+>>> hours_weekdays([2**48 - 1], ["Europe/Stockholm"])        # year 10889
+([6], ['wed'])
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ __all__ = ["zone", "check_tz", "hours_weekdays", "TZ_TRAIT"]
 #: The trait that names a user's timezone.
 TZ_TRAIT = "tz"
 _UTC = _dt.timezone.utc
+_Y9000 = int(_dt.datetime(9000, 1, 1, tzinfo=_UTC).timestamp())
+_CYCLE = 146_097 * 86_400          # seconds in 400 Gregorian years (a whole number of weeks)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -69,6 +73,10 @@ def hours_weekdays(tss, tzs) -> tuple[list[int], list[str]]:
         z = zone(name)
         rows = np.flatnonzero(names == name)
         for i, s in zip(rows.tolist(), (tss[rows] // 1000).tolist()):
+            if s >= _Y9000:
+                # past datetime's year 9999 (ts go up to 2**48 ms): whole 400-year cycles
+                # back keep the weekday and zoneinfo's (by then repeating) DST rule
+                s -= ((s - _Y9000) // _CYCLE + 1) * _CYCLE
             d = _dt.datetime.fromtimestamp(s, z)
             hours[i] = d.hour
             days[i] = d.weekday()
