@@ -6,7 +6,7 @@ The timezone is the user's trait ``tz``, an IANA name resolved with :mod:`zonein
 >>> hours_weekdays([0, 1_700_000_000_000], ["UTC", "Europe/Stockholm"])
 ([0, 23], ['thu', 'tue'])
 >>> hours_weekdays([2**48 - 1], ["Europe/Stockholm"])        # year 10889
-([6], ['wed'])
+([7], ['tue'])
 """
 
 from __future__ import annotations
