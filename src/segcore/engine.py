@@ -436,6 +436,12 @@ class Engine:
     event_types : iterable of str, optional
         When given, rules may only use these event types (typos are caught with a "did you
         mean"); events of other types are still accepted.
+    session_timeout : str or int
+        Sessions (``count(session, 7d)``, ``in_session``, docs/patterns.md) are runs of a
+        user's events with gaps under this (default ``"30m"``).
+    seq_max_events : int
+        The most events one ``seq(...)`` keeps per user (default 1024); past it the oldest is
+        evicted and counted in ``stats()["seq_evicted"]``.
 
     Examples
     --------
