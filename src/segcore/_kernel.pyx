@@ -178,6 +178,11 @@ cdef class Kernel:
     cdef int64_t[::1] f_window, f_span
     cdef int32_t[::1] sq_start, sq_event, sq_filter, sq_neg
     cdef readonly int64_t seq_cap, seq_evicted
+    # the last _seq_eval (user, feature, instant) -> (result, next change); reset on change
+    cdef bint sc_valid, sc_res
+    cdef uint32_t sc_u
+    cdef int sc_f
+    cdef int64_t sc_t, sc_nxt
     cdef int32_t[::1] lst_start, lst_feat, any_feat
     cdef int32_t[::1] time_feats
     cdef int32_t[::1] a_kind, a_op, a_f, a_t0, a_t1, a_t2, a_t3, a_s
@@ -759,6 +764,7 @@ cdef class Kernel:
             return
         if self.f_key[f] >= 0 and key < 0:
             return
+        self.sc_valid = False
         if w > 0 and ts <= self.now - w:
             return
         vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
@@ -891,6 +897,10 @@ cdef class Kernel:
         cdef size_t n, gs, ge, i, j, x, y
         cdef int k
         cdef bint res = False, cancelled
+        cdef Entry* ev
+        if self.sc_valid and self.sc_u == u and self.sc_f == f and self.sc_t == t:
+            nxt[0] = self.sc_nxt            # the atom and the timer ask at the same instant
+            return self.sc_res
         nxt[0] = INT64_MAX
         if m < 1 or m > MAX_STEPS:
             return False
@@ -900,15 +910,18 @@ cdef class Kernel:
         n = vec.size()
         if n == 0:
             return False
-        self.scratch.assign(vec.begin(), vec.end())
-        for i in range(n):
-            self.scratch[i].val = <double>i
         if keyed:
+            self.scratch.assign(vec.begin(), vec.end())
+            for i in range(n):
+                self.scratch[i].val = <double>i
             sort(self.scratch.begin(), self.scratch.end(), entry_key_ts_less)
+            ev = &self.scratch[0]
+        else:
+            ev = &vec[0][0]                 # already in (ts, arrival) order
         gs = 0
         while gs < n:
             ge = gs + 1
-            while ge < n and (not keyed or self.scratch[ge].key == self.scratch[gs].key):
+            while ge < n and (not keyed or ev[ge].key == ev[gs].key):
                 ge += 1
             if not neg:
                 for k in range(m):
@@ -916,18 +929,18 @@ cdef class Kernel:
                 i = gs
                 while i < ge:
                     j = i
-                    while j < ge and self.scratch[j].ts == self.scratch[i].ts:
+                    while j < ge and ev[j].ts == ev[i].ts:
                         j += 1
                     for k in range(m):
                         NL[k] = L[k]
                     for x in range(i, j):
                         for k in range(m):
-                            if not (self.scratch[x].aux >> k) & 1:
+                            if not (ev[x].aux >> k) & 1:
                                 continue
                             if k == 0:
-                                cand = self.scratch[x].ts
+                                cand = ev[x].ts
                             elif L[k - 1] != INT64_MIN and (
-                                    D == 0 or self.scratch[x].ts - L[k - 1] < D):
+                                    D == 0 or ev[x].ts - L[k - 1] < D):
                                 cand = L[k - 1]
                             else:
                                 continue
@@ -940,15 +953,15 @@ cdef class Kernel:
                     best = L[m - 1]
             else:
                 for x in range(gs, ge):
-                    if not self.scratch[x].aux & 1:
+                    if not ev[x].aux & 1:
                         continue
-                    ta = self.scratch[x].ts
+                    ta = ev[x].ts
                     y = x
-                    while y > gs and self.scratch[y - 1].ts >= ta:
+                    while y > gs and ev[y - 1].ts >= ta:
                         y -= 1
                     cancelled = False
-                    while y < ge and self.scratch[y].ts < ta + D:
-                        if y != x and self.scratch[y].ts >= ta and (self.scratch[y].aux >> 1) & 1:
+                    while y < ge and ev[y].ts < ta + D:
+                        if y != x and ev[y].ts >= ta and (ev[y].aux >> 1) & 1:
                             cancelled = True
                             break
                         y += 1
@@ -968,6 +981,8 @@ cdef class Kernel:
                 res = True
                 if w > 0:
                     nxt[0] = best + w
+        self.sc_valid = True
+        self.sc_u, self.sc_f, self.sc_t, self.sc_nxt, self.sc_res = u, f, t, nxt[0], res
         return res
 
     cdef int64_t _topk_count(self, uint32_t u, int f, int64_t t) noexcept nogil:
@@ -1628,6 +1643,7 @@ cdef class Kernel:
         cdef int f, g
         if dst_f.shape[0] != src_f.shape[0] or src.n_users != self.n_users:
             raise ValueError("copy_features_from: mismatched features or users")
+        self.sc_valid = False
         for i in range(dst_f.shape[0]):
             f, g = dst_f[i], src_f[i]
             if not (0 <= f < self.n_feat and 0 <= g < src.n_feat) or \
@@ -1666,6 +1682,7 @@ cdef class Kernel:
         cdef bint found
         if dst >= self.n_users or src >= self.n_users or dst == src:
             raise ValueError("merge_into: bad user indices")
+        self.sc_valid = False
         for f in range(self.n_feat):
             kind = self.f_kind[f]
             d = self.istate + <int64_t>dst * self.istride + self.f_ioff[f]
@@ -1814,6 +1831,7 @@ cdef class Kernel:
         cdef int64_t j
         if u >= self.n_users:
             raise ValueError("forget: user index out of range")
+        self.sc_valid = False
         for j in range(self.istride):
             self.istate[<int64_t>u * self.istride + j] = self.irow_init[j]
         for j in range(self.fstride):
