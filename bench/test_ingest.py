@@ -7,8 +7,7 @@ import msgspec
 import numpy as np
 import pytest
 
-import segcore_ref
-from workloads import REF_EVENTS, columns, new_engine, record, stream, timed
+from workloads import REF_EVENTS, columns, new_engine, record, stream, timed, vs_reference
 from segcore.synth import recompute
 
 
@@ -31,20 +30,9 @@ def test_track_many(benchmark, workload, batch):
 def test_track_many_vs_reference(benchmark, workload):
     """The same slice through the kernel and through the reference engine (which keeps every
     event and re-evaluates from scratch): the incremental speed-up, measured side by side."""
-    part = workload[:REF_EVENTS]
-    ref_s = timed(lambda: stream(new_engine(part, segcore_ref.RefEngine, only_active=True),
-                                 part, 1_000), 1)
-    setup_box = {}
-
-    def setup():
-        setup_box["eng"] = new_engine(part, only_active=True)
-        return (), {}
-
-    benchmark.pedantic(lambda: stream(setup_box["eng"], part, 1_000), setup=setup, rounds=5)
-    if benchmark.stats:
-        k = benchmark.stats.stats.median
-        record(benchmark, events=len(part), kernel_events_per_s=len(part) / k,
-               reference_events_per_s=len(part) / ref_s, ratio_vs_reference=ref_s / k)
+    vs_reference(benchmark, workload[:REF_EVENTS],
+                 lambda part, cls: new_engine(part, cls, only_active=True),
+                 lambda eng, part: stream(eng, part, 1_000))
 
 
 def test_track_many_vs_numpy_recompute(benchmark, workload):

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 import segcore
-import segcore_ref
-from workloads import REF_EVENTS, new_engine, record, timed
+from workloads import REF_EVENTS, new_engine, record, vs_reference
 
 PATTERN_SEGMENTS = {
     "funnel": "seq(product_view, add_to_cart, purchase within 1d, 30d)",
@@ -59,17 +58,6 @@ def test_track_many_patterns(benchmark, workload, patterns):
 
 def test_patterns_vs_reference(benchmark, workload):
     """The same slice with the pattern segments through the kernel and the reference."""
-    part = workload[:REF_EVENTS]
-    ref_s = timed(lambda: pattern_stream(
-        pattern_engine(part, segcore_ref.RefEngine, only_active=True), part, 1_000), 1)
-    box = {}
-
-    def setup():
-        box["eng"] = pattern_engine(part, only_active=True)
-        return (), {}
-
-    benchmark.pedantic(lambda: pattern_stream(box["eng"], part, 1_000), setup=setup, rounds=5)
-    if benchmark.stats:
-        k = benchmark.stats.stats.median
-        record(benchmark, events=len(part), kernel_events_per_s=len(part) / k,
-               reference_events_per_s=len(part) / ref_s, ratio_vs_reference=ref_s / k)
+    vs_reference(benchmark, workload[:REF_EVENTS],
+                 lambda part, cls: pattern_engine(part, cls, only_active=True),
+                 lambda eng, part: pattern_stream(eng, part, 1_000))

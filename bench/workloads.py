@@ -54,3 +54,22 @@ def timed(fn, repeat=3):
 def record(benchmark, **info):
     for k, v in info.items():
         benchmark.extra_info[k] = round(v, 4) if isinstance(v, float) else v
+
+
+def vs_reference(benchmark, part, make, run, rounds=5):
+    """Time ``run(engine, part)`` on engines ``make(part, cls)`` of the kernel (benchmarked,
+    fresh engine per round) and of the reference engine (once), side by side; records the
+    ratio."""
+    import segcore_ref
+    ref_s = timed(lambda: run(make(part, segcore_ref.RefEngine), part), 1)
+    box = {}
+
+    def setup():
+        box["eng"] = make(part, segcore.Engine)
+        return (), {}
+
+    benchmark.pedantic(lambda: run(box["eng"], part), setup=setup, rounds=rounds)
+    if benchmark.stats:
+        k = benchmark.stats.stats.median
+        record(benchmark, events=len(part), kernel_events_per_s=len(part) / k,
+               reference_events_per_s=len(part) / ref_s, ratio_vs_reference=ref_s / k)

@@ -60,16 +60,20 @@ PROPS = {
 }
 
 
+#: ms from now: mostly forward, often late
+DT = st.one_of(st.integers(0, 12), st.integers(-45, 45))
+
+
 @st.composite
-def events(draw):
-    ev = draw(st.sampled_from(EVENTS))
+def events(draw, names=EVENTS, prop_choices=PROPS, users=HOT_USERS, dt=DT):
+    """``(user, event, ms from now, props)``; a None choice is either left out or given."""
+    ev = draw(st.sampled_from(names))
     props = {}
-    for name, choices in PROPS.get(ev, {}).items():
+    for name, choices in prop_choices.get(ev, {}).items():
         v = draw(st.sampled_from(choices))
         if v is not None or draw(st.booleans()):
             props[name] = v
-    dt = draw(st.one_of(st.integers(0, 12), st.integers(-45, 45)))
-    return draw(st.sampled_from(HOT_USERS)), ev, dt, props
+    return draw(st.sampled_from(users)), ev, draw(dt), props
 
 
 ops = st.one_of(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import segcore
 import segcore_ref
 from test_differential import _check_same, _run
+from test_differential import events as differential_events
 
 U = 7 * 60_000
 T = 2 * U                       # the session timeout
@@ -74,17 +75,13 @@ PROPS = {
 }
 
 
-@st.composite
-def events(draw):
-    ev = draw(st.sampled_from(EVENTS))
-    props = {}
-    for name, choices in PROPS.get(ev, {}).items():
-        v = draw(st.sampled_from(choices))
-        if v is not None or draw(st.booleans()):
-            props[name] = v
-    units = draw(st.one_of(st.integers(0, 2), st.integers(-8, 2)))
-    dt_ms = units * U + draw(st.sampled_from([0, 0, 0, 1, -1]))
-    return draw(st.sampled_from(HOT_USERS)), ev, dt_ms, props
+#: whole units from now (often late), exactly or 1 ms either side
+DT = st.builds(lambda units, ms: units * U + ms, st.one_of(st.integers(0, 2), st.integers(-8, 2)),
+               st.sampled_from([0, 0, 0, 1, -1]))
+
+
+def events():
+    return differential_events(EVENTS, PROPS, HOT_USERS, DT)
 
 
 ops = st.one_of(

@@ -408,21 +408,11 @@ class Evaluator:
         if node.window_ms is not None:
             lo = now - node.window_ms
             ss = [x for x in ss if lo < x[0] <= now]       # sessions started in the window
-        else:
-            ss = [x for x in ss if x[0] <= now]
         if node.fn == "count":
             return len(ss)
-        vals = [end - start if node.metric == "duration" else n for start, end, n in ss]
-        if node.fn in ("sum", "avg"):
-            s = 0.0                         # float64 from 0.0, in start order
-            for v in vals:
-                s += v
-            if node.fn == "sum":
-                return s
-            return s / len(vals) if vals else MISSING
-        if not vals:
-            return MISSING
-        return min(vals) if node.fn == "min" else max(vals)
+        # in start order
+        return _reduce(node.fn, [end - start if node.metric == "duration" else n
+                                 for start, end, n in ss])
 
     def _last_session(self, node, ev, exact):
         ss = self.sessions()
@@ -487,16 +477,22 @@ class Evaluator:
                 nums.sort(key=lambda p: (p[0].ts, p[0].arrival))
             else:
                 nums.sort(key=lambda p: p[0].arrival)
-            s = 0.0
-            for _, v in nums:
-                s += v
-            if node.fn == "sum":
-                return s
-            return s / len(nums) if nums else MISSING
-        if not nums:
-            return MISSING
-        vals = [v for _, v in nums]
-        return min(vals) if node.fn == "min" else max(vals)
+        return _reduce(node.fn, [v for _, v in nums])
+
+
+def _reduce(fn: str, vals: list):
+    """``sum`` (float64 from 0.0, in the order given), ``avg``, ``min`` or ``max`` of numbers;
+    all but ``sum`` are MISSING of none."""
+    if fn in ("sum", "avg"):
+        s = 0.0
+        for v in vals:
+            s += v
+        if fn == "sum":
+            return s
+        return s / len(vals) if vals else MISSING
+    if not vals:
+        return MISSING
+    return min(vals) if fn == "min" else max(vals)
 
 
 _COND = {R.And: Evaluator._and, R.Or: Evaluator._or, R.Not: Evaluator._not,

@@ -138,6 +138,26 @@ cdef inline bint entry_key_less(const Entry& a, const Entry& b) noexcept nogil:
     return a.key < b.key
 
 
+cdef inline void insert_by_ts(vector[Entry]* vec, const Entry& ent) noexcept nogil:
+    """Insert keeping (ts, arrival) order: after the entries with an equal ts."""
+    cdef size_t n = vec.size()
+    while n > 0 and vec[0][n - 1].ts > ent.ts:
+        n -= 1
+    vec.insert(vec.begin() + n, ent)
+
+
+cdef inline size_t key_lower_bound(vector[Entry]* vec, int64_t key) noexcept nogil:
+    """The first position whose key is >= key, in a vector sorted by key."""
+    cdef size_t lo = 0, hi = vec.size(), mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if vec[0][mid].key < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef inline bint entry_ts_less(const Entry& a, const Entry& b) noexcept nogil:
     return a.ts < b.ts
 
@@ -665,22 +685,12 @@ cdef class Kernel:
             ent.val = v
             ent.key = key
             ent.aux = 0
-            n = vec.size()
-            while n > 0 and vec[0][n - 1].ts > ts:
-                n -= 1
-            vec.insert(vec.begin() + n, ent)
+            insert_by_ts(vec, ent)
         elif kind == K_DISTINCT:
             if key < 0:
                 return
             vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
-            lo = 0
-            hi = vec.size()
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if vec[0][mid].key < key:
-                    lo = mid + 1
-                else:
-                    hi = mid
+            lo = key_lower_bound(vec, key)
             if lo < vec.size() and vec[0][lo].key == key:
                 return
             ent.ts = ts
@@ -725,17 +735,11 @@ cdef class Kernel:
     cdef void _mode_add(self, vector[Entry]* vec, int64_t ts, int64_t key) noexcept nogil:
         # entries sorted by key: ts/val = the latest event (ts, per-user arrival stamp) of the
         # value, aux = its count; the stamp is the number of events counted before this one
-        cdef size_t lo = 0, hi = vec.size(), mid, i
+        cdef size_t lo = key_lower_bound(vec, key), i
         cdef int64_t total = 0
         cdef Entry ent
         for i in range(vec.size()):
             total += vec[0][i].aux
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if vec[0][mid].key < key:
-                lo = mid + 1
-            else:
-                hi = mid
         if lo < vec.size() and vec[0][lo].key == key:
             vec[0][lo].aux += 1
             if ts >= vec[0][lo].ts:
@@ -772,10 +776,7 @@ cdef class Kernel:
         ent.val = 0
         ent.key = key
         ent.aux = mask
-        n = vec.size()
-        while n > 0 and vec[0][n - 1].ts > ts:
-            n -= 1
-        vec.insert(vec.begin() + n, ent)
+        insert_by_ts(vec, ent)
         if <int64_t>vec.size() > self.seq_cap:
             vec.erase(vec.begin())
             self.seq_evicted += 1
@@ -1689,6 +1690,9 @@ cdef class Kernel:
             s = self.istate + <int64_t>src * self.istride + self.f_ioff[f]
             fd = self.fstate + <int64_t>dst * self.fstride + self.f_foff[f]
             fs = self.fstate + <int64_t>src * self.fstride + self.f_foff[f]
+            if self.f_var[f] >= 0:
+                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
+                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
             if kind == K_TOPK:
                 # the K latest of both (slots sorted descending)
                 k = self.f_k[f]
@@ -1731,17 +1735,13 @@ cdef class Kernel:
                     d[0] = s[0]
                 if s[1] > d[1]:
                     d[1] = s[1]
-            elif kind == K_WLIST:
-                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
-                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
+            elif kind == K_WLIST or kind == K_SEQ:
                 for x in range(vs.size()):          # keep (ts) order; src after dst on ties
-                    y = vd.size()
-                    while y > 0 and vd[0][y - 1].ts > vs[0][x].ts:
-                        y -= 1
-                    vd.insert(vd.begin() + y, vs[0][x])
+                    insert_by_ts(vd, vs[0][x])
+                while kind == K_SEQ and <int64_t>vd.size() > self.seq_cap:
+                    vd.erase(vd.begin())
+                    self.seq_evicted += 1
             elif kind == K_DISTINCT:
-                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
-                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
                 for x in range(vs.size()):
                     found = False
                     y = 0
@@ -1753,8 +1753,6 @@ cdef class Kernel:
                     if not found:
                         vd.insert(vd.begin() + y, vs[0][x])
             elif kind == K_ABANDON_BY:
-                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
-                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
                 for x in range(vs.size()):
                     found = False
                     for y in range(vd.size()):
@@ -1767,21 +1765,8 @@ cdef class Kernel:
                             break
                     if not found:
                         vd.push_back(vs[0][x])
-            elif kind == K_SEQ:
-                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
-                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
-                for x in range(vs.size()):          # keep (ts) order; src after dst on ties
-                    y = vd.size()
-                    while y > 0 and vd[0][y - 1].ts > vs[0][x].ts:
-                        y -= 1
-                    vd.insert(vd.begin() + y, vs[0][x])
-                while <int64_t>vd.size() > self.seq_cap:
-                    vd.erase(vd.begin())
-                    self.seq_evicted += 1
             elif kind == K_MODE:
                 # src's events count as arriving after dst's: its stamps follow dst's
-                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
-                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
                 off = 0
                 for y in range(vd.size()):
                     off += vd[0][y].aux
@@ -1796,15 +1781,11 @@ cdef class Kernel:
                             found = True
                             break
                     if not found:
-                        y = 0
-                        while y < vd.size() and vd[0][y].key < vs[0][x].key:
-                            y += 1
+                        y = key_lower_bound(vd, vs[0][x].key)
                         vd.insert(vd.begin() + y, vs[0][x])
                         vd[0][y].val += <double>off
             elif kind == K_SESS:
                 # the sessions of the union of both users' events
-                vd = &self.pools[<size_t>dst * self.n_var + self.f_var[f]]
-                vs = &self.pools[<size_t>src * self.n_var + self.f_var[f]]
                 self.scratch.assign(vd.begin(), vd.end())
                 for x in range(vs.size()):
                     self.scratch.push_back(vs[0][x])

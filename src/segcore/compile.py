@@ -90,7 +90,7 @@ class Plan:
         self.filter_events: list[set[str]] = []   # event types each where-filter applies to
         self.key_events: dict[str, set[str]] = {}  # key prop -> event types that read it
         self.arrays: dict = {}
-        self.local = False          # some where-clause reads `hour` / `weekday`
+        self.local_events: set[str] = set()   # event types a where reads hour/weekday of
 
     def feature_index(self, spec: FeatureSpec) -> int | None:
         try:
@@ -396,7 +396,8 @@ def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
     p.asts = dict(asts)
     _layout(p, b, progs, event_code)
     p.arrays["seq_cap"] = seq_cap
-    p.local = any(isinstance(n, R.Local) for w in p.filters for n in R._walk(w))
+    p.local_events = set().union(*(evs for w, evs in zip(p.filters, p.filter_events)
+                                   if any(isinstance(n, R.Local) for n in R._walk(w))))
     p.arrays.update(_item_arrays(items or [], b.seg_index))
     return p
 

@@ -824,7 +824,7 @@ class Engine:
             if e.segment is None and len(new_names) == 1:
                 raise e.with_segment(new_names[0]) from None
             raise
-        if plan.local and self._no_local:
+        if plan.local_events and self._no_local:
             raise RuleError("`hour` and `weekday` need the user's timezone when the event "
                             "arrives, which a ShardedEngine driver does not hold; they are "
                             "not supported on a ShardedEngine",
@@ -1136,7 +1136,7 @@ class Engine:
             d = self._dense_of(user)
         fbuf, vbuf, kbuf = self._one_bufs
         get = props.get
-        if filters and self._plan.local:
+        if filters and event in self._plan.local_events:
             (hour,), (day,) = hours_weekdays([t], [self._traits.get(d, TZ_TRAIT)])
             local = {"@hour": hour, "@weekday": day}
             get = lambda k: local[k] if k in local else props.get(k)  # noqa: E731
@@ -1273,13 +1273,8 @@ class Engine:
             ecodes_tmp = known[inv] if len(names) else np.zeros(n, np.int32)
         else:
             ecodes_tmp = ecodes
-        if self._plan.local and self._plan.filters and n:
-            tzcol = self._traits.cols.get(TZ_TRAIT)
-            tzs = [None] * n if tzcol is None else \
-                [None if x < 0 else tzcol[x] for x in dense.tolist()]
-            hours, days = hours_weekdays(tss, tzs)
-            cols = {**cols, "@hour": np.array(hours, dtype=np.int64),
-                    "@weekday": np.array(days, dtype=object)}
+        if self._plan.local_events and n:
+            cols = {**cols, **self._local_columns(tss, dense, ecodes_tmp, names, inv)}
         fpass, vals, keys = self._prop_columns(cols, n, ecodes_tmp, names, inv, single)
         keep = self._dedup(ids, tss) if ids is not None else None
         if keep is not None and not keep.all() and new_users:
@@ -1330,6 +1325,25 @@ class Engine:
         if m:
             k = len(self._event_names)
             self._event_counts[:k] += np.bincount(ecodes, minlength=k)[:k]
+
+    def _local_columns(self, tss, dense, ecodes, names, inv) -> dict:
+        """``hour`` and ``weekday`` (docs/patterns.md) of the rows whose event type has a
+        where-clause reading them, in each user's timezone (new users: UTC)."""
+        local = self._plan.local_events
+        if names is not None:
+            rows = np.flatnonzero(np.isin(inv, [i for i, nm in enumerate(names) if nm in local]))
+        else:
+            rows = np.flatnonzero(np.isin(ecodes, [self._codes[e] for e in local
+                                                   if e in self._codes]))
+        tzcol = self._traits.cols.get(TZ_TRAIT)
+        tzs = [None] * len(rows) if tzcol is None else \
+            [None if x < 0 else tzcol[x] for x in dense[rows].tolist()]
+        hours, days = hours_weekdays(tss[rows], tzs)
+        hour = np.full(len(tss), -1, dtype=np.int64)          # rows no filter reads
+        day = np.full(len(tss), None, dtype=object)
+        hour[rows] = hours
+        day[rows] = days
+        return {"@hour": hour, "@weekday": day}
 
     def _prop_columns(self, cols, n, ecodes, names, inv, single):
         plan = self._plan

@@ -806,7 +806,7 @@ class _Parser:
         else:
             if not self.take("."):
                 raise self.err(f"`{fn}` needs a session metric, as in `{fn}(session.duration)`"
-                               " or `{fn}(session.events)`".replace("{fn}", fn))
+                               f" or `{fn}(session.events)`")
             n = self.name("`duration` or `events`")
             if n.text not in SESSION_METRICS:
                 raise self.err(f"a session has `duration` and `events`, not `{n.text}`"
@@ -926,10 +926,9 @@ def _check_categorical(node, values, nodes, fail) -> bool:
     if not modes and not days:
         return False
     what = "`mode(...)`" if modes else "`weekday`"
-    if len(modes) + len(days) != 1 or any(isinstance(v, Arith) for v in values) or any(
-            not isinstance(t, (Num, Str, Dur, Agg, Local)) or (isinstance(t, Agg) and t is
-                                                               not (modes or days)[0])
-            for t in nodes):
+    consts = [t for t in nodes if isinstance(t, (Num, Str, Dur))]
+    if len(modes) + len(days) != 1 or any(isinstance(v, Arith) for v in values) or \
+            len(consts) != len(nodes) - 1:
         fail(f"{what} can only be compared with constants, as in "
              + ('`mode(message_click.channel, 90d) == "sms"`' if modes
                 else '`weekday in ["sat", "sun"]`'))
@@ -937,12 +936,11 @@ def _check_categorical(node, values, nodes, fail) -> bool:
             isinstance(node, Compare) and node.op not in ("==", "!=")):
         fail(f"{what} is tested with `==`, `!=`, `in [...]`, `not in [...]` or `exists`")
     if days:
-        consts = list(node.items) if isinstance(node, InList) else [
-            t.value if isinstance(t, (Num, Str)) else t.ms for t in nodes
-            if isinstance(t, (Num, Str, Dur))]
-        for c in consts:
+        items = list(node.items) if isinstance(node, InList) else [
+            t.ms if isinstance(t, Dur) else t.value for t in consts]
+        for c in items:
             if c not in WEEKDAYS:
-                fail(f"`weekday` is one of {', '.join(map(repr, WEEKDAYS))}".replace("'", '"')
+                fail("`weekday` is one of " + ", ".join(f'"{d}"' for d in WEEKDAYS)
                      + f", not {_fmt_lit(c)}")
     return True
 
