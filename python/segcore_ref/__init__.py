@@ -61,7 +61,10 @@ from segcore import rules as R
 from segcore.errors import EventError, RuleError, SegcoreError
 from segcore.hashing import bucket_of
 
-from . import _query
+from segcore import predict as _pred_fit
+from segcore.engine import _predict_spec
+
+from . import _predict, _query
 from ._eval import MISSING, Event, Evaluator, has_now, is_num, local_time, walk, zone
 
 try:                                    # the lead unifies the type later
@@ -384,7 +387,10 @@ class RefEngine:
 
     def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
                  dedup_horizon="1d", event_types=None, max_queued_firings: int = 1_000_000,
-                 session_timeout="30m", seq_max_events: int = 1024):
+                 session_timeout="30m", seq_max_events: int = 1024, predictive=None):
+        self._pred = _predict_spec(predictive)
+        self._pred_model = _pred_fit.PredictiveModel()
+        self._pred_cmps: list[tuple[str, float]] = []
         self._session_ms = R.parse_duration(session_timeout)
         if self._session_ms <= 0:
             raise SegcoreError("session_timeout must be longer than 0")
@@ -431,6 +437,7 @@ class RefEngine:
         self._call_firings: list = []                # firings of the current call, in order
         self._stats = {"events": 0, "duplicates": 0, "transitions": 0, "callback_errors": 0,
                        "firings": 0, "suppressed": 0, "firings_dropped": 0, "seq_evicted": 0}
+        self._rebuild()             # what events must carry before any segment exists
 
     # ================================================================== time
     def _clock_ms(self) -> int | None:
@@ -461,6 +468,8 @@ class RefEngine:
                 x = self._now_flip(node, user)
                 if x is not None:
                     flips.update((x - 1, x, x + 1))
+            for name, k in self._pred_cmps:
+                flips.update(_predict.crossings(self._pred, self._pred_model, user, name, k))
             user.cand_now = sorted(flips)
             user.cand_key = (len(user.events), self._rules_version)
         return user.cand_ev, user.cand_now
@@ -470,7 +479,8 @@ class RefEngine:
         or None when a term is missing (then it is false at every instant)."""
         f = []
         for t in (0, 1):
-            ev = Evaluator(user, t, {}, user.bucket, session_ms=self._session_ms)
+            ev = Evaluator(user, t, {}, user.bucket, session_ms=self._session_ms,
+                           pred=self._pred_ctx)
             a = ev.value(node.left, exact=True)
             b = ev.value(node.right, exact=True)
             if a is MISSING or b is MISSING:
@@ -485,7 +495,8 @@ class RefEngine:
         """Membership of ``user`` in every segment at instant ``t``, in evaluation order, so
         that ``in(S)`` sees the membership of S at the same instant."""
         memb: dict[str, bool] = {}
-        ev = Evaluator(user, t, memb, user.bucket, self._now_ids, session_ms=self._session_ms)
+        ev = Evaluator(user, t, memb, user.bucket, self._now_ids, session_ms=self._session_ms,
+                       pred=self._pred_ctx)
         for name in self._topo:
             memb[name] = bool(ev.cond(self._ast[name]))
         return memb
@@ -649,8 +660,8 @@ class RefEngine:
                            f"journey {j.name} step {k + 1}", channel=step.channel,
                            journey=j.name, step=k)
                 if step.only_if is not None and not Evaluator(
-                        user, c, cur, user.bucket,
-                        session_ms=self._session_ms).cond(step.only_if):
+                        user, c, cur, user.bucket, session_ms=self._session_ms,
+                        pred=self._pred_ctx).cond(step.only_if):
                     f = msgspec.structs.replace(f, delivered=False, suppressed_by="only_if")
                 else:
                     f = self._cap(user, c, f)
@@ -784,6 +795,7 @@ class RefEngine:
         if isinstance(rule, str):
             parsed = R.parse_full(rule, segment=name, segments=known,
                                   event_types=self._event_types)
+            self._check_builtin(parsed.ast, name)
             return parsed.ast, rule
         try:
             R.validate(rule, segment=name)
@@ -796,6 +808,7 @@ class RefEngine:
                 close = difflib.get_close_matches(ref, list(known), n=1, cutoff=0.6)
                 hint = f" (did you mean `{close[0]}`?)" if close else ""
                 raise RuleError(f"unknown segment `{ref}`{hint}", segment=name)
+        self._check_builtin(rule, name)
         if self._event_types is not None:
             for n in walk(rule):
                 evs = [getattr(n, "event", None), getattr(n, "a", None), getattr(n, "b", None)]
@@ -806,6 +819,17 @@ class RefEngine:
                             and ev is not None and ev not in self._event_types:
                         raise RuleError(f"unknown event type `{ev}`", segment=name)
         return rule, R.to_text(rule)
+
+    @property
+    def _pred_ctx(self):
+        return None if self._pred is None else (self._pred, self._pred_model)
+
+    def _check_builtin(self, ast, name) -> None:
+        if self._pred is not None:
+            try:
+                _predict.check_rule(ast, self._pred.score_ids)
+            except RuleError as e:
+                raise RuleError(str(e.args[0]) if e.args else str(e), segment=name) from None
 
     def _rebuild(self) -> None:
         """Recompute everything derived from the rule set."""
@@ -845,9 +869,27 @@ class RefEngine:
                         durations.setdefault(first, set()).add(n.window_ms)
                 elif isinstance(n, R.Compare) and has_now(n):
                     now_cmps.append(n)
+        # built-in predictive scores compared with constants (their crossing instants)
+        pcmps = set()
+        names = self._pred.score_ids if self._pred is not None else {}
+        for ast in self._ast.values():
+            for n in walk(ast):
+                for v, other in ((getattr(n, "left", None), getattr(n, "right", None)),
+                                 (getattr(n, "right", None), getattr(n, "left", None)),
+                                 (getattr(n, "value", None), None)):
+                    if isinstance(v, R.Score) and v.name in names:
+                        ks = [other.value] if isinstance(other, R.Num) else [0.0]
+                        if isinstance(n, R.InList):
+                            ks = [x for x in n.items if is_num(x)] or [0.0]
+                        elif isinstance(n, R.Between):
+                            ks = [b.value for b in (n.low, n.high) if isinstance(b, R.Num)]
+                        pcmps.update((v.name, float(k)) for k in ks)
+        self._pred_cmps = sorted(pcmps)
         self._durations = {k: tuple(sorted(v)) for k, v in durations.items()}
         self._now_cmps = now_cmps
         self._now_ids = {id(n) for n in now_cmps}
+        if self._pred is not None:
+            numeric.setdefault(self._pred.purchase, {})[self._pred.amount] = None
         self._numeric = numeric
         self._rules_version += 1
 
@@ -992,8 +1034,10 @@ class RefEngine:
                 clean[k] = v
         for prop, seg in self._numeric.get(event, {}).items():
             if prop in clean and not is_num(clean[prop]):
+                why = f"segment `{seg}` aggregates it" if seg is not None else \
+                    "the predictive scores read it"
                 raise EventError(f"`{event}.{prop}` must be a number (int or float) because "
-                                 f"segment `{seg}` aggregates it, got "
+                                 f"{why}, got "
                                  f"{type(clean[prop]).__name__}", index=index,
                                  field=f"props.{prop}")
         id = _scalar(id)
@@ -1304,6 +1348,104 @@ class RefEngine:
     def now(self) -> int:
         self._read()
         return self._now
+
+    # ================================================================== predictive
+    def _require_predictive(self, what):
+        if self._pred is None:
+            raise SegcoreError(f"{what} needs the predictive statistics: create the engine "
+                               "with Engine(predictive=True) (they are kept from its first "
+                               "event on; docs/predictive.md)")
+        return self._pred
+
+    @property
+    def predictive_model(self):
+        return self._pred_model
+
+    def predictive_training_data(self) -> dict:
+        """What fit_predictive fits on, computed naively from the kept events (users in
+        first-appearance order, like the engine's dense order)."""
+        spec = self._require_predictive("predictive_training_data()")
+        now, DAY = self._now, _predict.DAY
+        x, t_x, T, xm, m, X, y = [], [], [], [], [], [], []
+        anchor = now // DAY - 8
+        lo, hi = (anchor + 1) * DAY, (anchor + 8) * DAY
+        for user in self._users.values():
+            buys = user.by_type.get(spec.purchase, [])
+            if buys:
+                first = min(buys, key=lambda e: e.order())
+                last = max(e.ts for e in buys)
+                x.append(len(buys) - 1)
+                t_x.append((last - first.ts) / DAY)
+                T.append((max(now, last) - first.ts) / DAY)
+                amts = [e.props[spec.amount] for e in buys if is_num(e.props.get(spec.amount))]
+                total = 0.0
+                for v in amts:
+                    total += float(v)
+                fa = first.props.get(spec.amount)
+                k = len(amts) - (1 if is_num(fa) else 0)
+                if k >= 1:
+                    mean = (total - (float(fa) if is_num(fa) else 0.0)) / k
+                    if mean > 0:
+                        xm.append(k)
+                        m.append(mean)
+            feats, ok = _predict.convert_features(spec, user, anchor)
+            if ok and (not buys or min(e.ts for e in buys) >= lo):
+                X.append(feats)
+                y.append(1.0 if buys and min(e.ts for e in buys) < hi else 0.0)
+        k = len(spec.convert_events) + 2
+        return {"x": np.array(x, dtype=np.float64), "t_x": np.array(t_x), "T": np.array(T),
+                "x_m": np.array(xm, dtype=np.float64), "m": np.array(m),
+                "X": np.array(X, dtype=np.float64).reshape(-1, k), "y": np.array(y)}
+
+    def fit_predictive(self, *, l2: float = 1.0) -> TransitionList:
+        """Fit the built-in scores on the naive training data (see segcore.Engine)."""
+        self._require_predictive("fit_predictive()")
+        if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
+            raise SegcoreError(f"l2 must be a number >= 0, got {l2!r}")
+        clock_ms = self._clock_ms()
+        out = self._sync(clock_ms)
+        model = _pred_fit.fit_from_data(self.predictive_training_data(), self._pred_model,
+                                        self._now, l2=float(l2))
+        return self._finish(out + self._set_model(model))
+
+    def set_predictive_model(self, model) -> TransitionList:
+        spec = self._require_predictive("set_predictive_model()")
+        m = _pred_fit.PredictiveModel.coerce(model, spec)
+        clock_ms = self._clock_ms()
+        out = self._sync(clock_ms)
+        return self._finish(out + self._set_model(m))
+
+    def _set_model(self, m):
+        self._pred_model = m
+        self._rules_version += 1            # every user's crossing instants change
+        out = []
+        for user in list(self._users.values()):
+            out.extend(self._reevaluate(user))
+        return out
+
+    def scores_of(self, user) -> dict:
+        self._read()
+        rec = self._lookup(_check_user(user, None))
+        if rec is None:
+            return {}
+        out = {}
+        if self._pred is not None:
+            for name in self._pred.score_ids:
+                v = _predict.value(self._pred, self._pred_model, rec, name, self._now)
+                if v is not MISSING and not math.isnan(v):
+                    out[name] = float(v)
+        out.update(rec.scores)
+        return out
+
+    def predictive_scores(self) -> dict:
+        spec = self._require_predictive("predictive_scores()")
+        self._read()
+        users = list(self._users.values())
+        out = {"user": np.array([u.number for u in users], dtype=np.uint32)}
+        for name in spec.score_ids:
+            vals = [_predict.value(spec, self._pred_model, u, name, self._now) for u in users]
+            out[name] = np.array([np.nan if v is MISSING else v for v in vals], dtype=np.float64)
+        return out
 
     def stats(self) -> dict[str, int]:
         self._read()

@@ -156,8 +156,9 @@ class Evaluator:
     """
 
     def __init__(self, user, now: int, memb: dict, bucket: int, now_ids=None, *,
-                 session_ms: int):
+                 session_ms: int, pred=None):
         self.user = user
+        self.pred = pred            # (PredictSpec, PredictiveModel) on a predictive engine
         self.now = now
         self.memb = memb
         self.bucket = bucket
@@ -371,7 +372,11 @@ class Evaluator:
         return self.user.traits.get(node.name, MISSING)
 
     def _score(self, node, ev, exact):
-        return self.user.scores.get(node.name, MISSING)
+        v = self.user.scores.get(node.name, MISSING)
+        if v is MISSING and self.pred is not None and node.name in self.pred[0].score_ids:
+            from ._predict import value          # a caller's value of the name wins
+            return value(self.pred[0], self.pred[1], self.user, node.name, self.now)
+        return v
 
     def _prop(self, node, ev, exact):
         if ev is None:

@@ -19,7 +19,7 @@ Invariants (see docs/semantics.md):
 cimport cython
 from libc.stdint cimport (int64_t, int32_t, int8_t, uint32_t, uint64_t, uint8_t, INT64_MAX,
                           INT64_MIN)
-from libc.math cimport isnan, NAN, INFINITY
+from libc.math cimport isnan, NAN, INFINITY, exp, log, log1p, expm1, fabs
 from libcpp.vector cimport vector
 from libcpp.pair cimport pair
 from libcpp.algorithm cimport push_heap, pop_heap, make_heap, sort
@@ -53,6 +53,7 @@ cdef enum:
     K_MODE = 11
     K_SEQ = 12
     K_SESS = 13
+    K_PRED = 14
     A_CONST = 0
     A_COUNTK = 1
     A_NUM = 2
@@ -63,6 +64,7 @@ cdef enum:
     A_ABANDON = 7
     A_MODE = 8
     A_SEQ = 9
+    A_PRED = 10
     OP_EQ = 0
     OP_NE = 1
     OP_LT = 2
@@ -92,6 +94,28 @@ cdef enum:
     P_OR = 2
     P_NOT = 3
     STACK = 64
+    # built-in predictive scores (compile.S_*), their state and parameters (docs/predictive.md)
+    S_P_ALIVE = 0
+    S_CHURN = 1
+    S_EXPECTED = 2
+    S_LTV = 3
+    S_CONVERT = 4
+    RING_DAYS = 16
+    N_PP = 32           # r, alpha, a, b | p, q, v | horizon (days) | logistic coefficients
+    PP_COEF = 8
+    MAX_SERIES = 100000
+
+
+cdef int64_t DAY_MS = 86400000
+#: how far ahead one search for a score's crossing looks (~2230 years); past it, re-check then
+cdef int64_t PRED_REACH = (<int64_t>1) << 46
+
+
+cdef inline int64_t floordiv(int64_t a, int64_t b) noexcept nogil:
+    cdef int64_t q = a // b
+    if (a % b != 0) and ((a < 0) != (b < 0)):
+        q -= 1
+    return q
 
 
 cdef struct Entry:
@@ -198,6 +222,11 @@ cdef class Kernel:
     cdef int64_t[::1] f_window, f_span
     cdef int32_t[::1] sq_start, sq_event, sq_filter, sq_neg
     cdef readonly int64_t seq_cap, seq_evicted
+    cdef readonly int pred_f, pr_buy, n_conv, n_patom, pr_spd
+    cdef int32_t[::1] pr_conv, pred_atoms
+    cdef double pp[N_PP]
+    cdef object _pcache
+    cdef int64_t* pcache        # per user and predictive atom: its next crossing, or INT64_MIN
     # the last _seq_eval (user, feature, instant) -> (result, next change); reset on change
     cdef bint sc_valid, sc_res
     cdef uint32_t sc_u
@@ -269,6 +298,15 @@ cdef class Kernel:
         self.sq_neg = _i32(plan.get("sq_neg", []))
         self.seq_cap = int(plan.get("seq_cap", 1024))
         self.seq_evicted = 0
+        self.pred_f = int(plan.get("pred_f", -1))
+        self.pr_buy = int(plan.get("pr_buy", -1))
+        self.pr_conv = _i32(plan.get("pr_conv", []))
+        self.n_conv = self.pr_conv.shape[0]
+        self.pr_spd = (self.n_conv + 4) // 4
+        self.pred_atoms = _i32(plan.get("pred_atoms", []))
+        self.n_patom = self.pred_atoms.shape[0]
+        for i in range(N_PP):
+            self.pp[i] = NAN
         self.lst_start = _i32(plan["lst_start"])
         self.lst_feat = _i32(plan["lst_feat"])
         self.any_feat = _i32(plan["any_feat"])
@@ -349,7 +387,7 @@ cdef class Kernel:
                 raise ValueError("plan: variable feature without a pool")
             if self.f_kind[f] in (K_ABANDON_BY, K_MODE) and self.f_key[f] < 0:
                 raise ValueError("plan: keyed feature without a key column")
-            if self.f_kind[f] < K_TOPK or self.f_kind[f] > K_SESS:
+            if self.f_kind[f] < K_TOPK or self.f_kind[f] > K_PRED:
                 raise ValueError("plan: unknown feature kind")
             if not 0 <= self.f_window[f] < (<int64_t>1 << 48) or \
                     not 0 <= self.f_span[f] < (<int64_t>1 << 48):
@@ -398,10 +436,29 @@ cdef class Kernel:
                 raise ValueError("plan: term feature out of range")
             if self.t_kind[i] == T_SCORE and not 0 <= self.t_a[i] < self.n_score:
                 raise ValueError("plan: term score out of range")
+        if self.pred_f >= 0 and not (self.pred_f < self.n_feat and
+                                     self.f_kind[self.pred_f] == K_PRED):
+            raise ValueError("plan: pred_f is not a predictive feature")
+        if self.n_conv > 8 or (self.pred_f < 0 and (self.n_patom or self.n_conv)):
+            raise ValueError("plan: bad predictive layout")
+        for f in range(self.n_feat):
+            if self.f_kind[f] == K_PRED and f != self.pred_f:
+                raise ValueError("plan: a predictive feature that is not pred_f")
+        if sum(1 for a in range(self.n_atom) if self.a_kind[a] == A_PRED) != self.n_patom:
+            raise ValueError("plan: a predictive atom missing from pred_atoms")
+        for i in range(self.n_patom):
+            a = self.pred_atoms[i]
+            if not (0 <= a < self.n_atom and self.a_kind[a] == A_PRED and self.a_s[a] == i):
+                raise ValueError("plan: bad predictive atom list")
         for a in range(self.n_atom):
             k = self.a_kind[a]
             if k in (A_COUNTK, A_ABANDON, A_MODE, A_SEQ) and not 0 <= self.a_f[a] < self.n_feat:
                 raise ValueError("plan: atom feature out of range")
+            if k == A_PRED and (self.a_f[a] != self.pred_f or self.pred_f < 0 or
+                                not 0 <= self.a_t0[a] <= S_CONVERT or
+                                not 0 <= self.a_t1[a] < self.n_score or
+                                not 0 <= self.a_s[a] < self.n_patom):
+                raise ValueError("plan: bad predictive atom")
             if k == A_MODE and not (self.f_kind[self.a_f[a]] == K_MODE or (
                     self.f_kind[self.a_f[a]] == K_WLIST and self.f_key[self.a_f[a]] >= 0)):
                 raise ValueError("plan: mode atom on a feature without values")
@@ -517,11 +574,15 @@ cdef class Kernel:
             return 1
         if k == K_ABANDON:
             return 2
+        if k == K_PRED:
+            return 3 + RING_DAYS * self.pr_spd
         return 0
 
     cdef int _fsize(self, int f):
         if self.f_kind[f] == K_STATS:
             return 3
+        if self.f_kind[f] == K_PRED:
+            return 4
         return 1 if self.f_kind[f] == K_SUM else 0
 
     # ------------------------------------------------------------------ storage
@@ -544,7 +605,10 @@ cdef class Kernel:
         cdef int64_t ni = self.n_items
         dead = np.full(cap * ni + 1, INT64_MAX, dtype=np.int64)
         jpos = np.full(cap * ni + 1, -1, dtype=np.int32)
+        cdef int64_t npa = self.n_patom
+        pcache = np.full(cap * npa + 1, INT64_MIN, dtype=np.int64)
         if self.cap:
+            pcache[: old * npa] = self._pcache[: old * npa]
             fresh[:old] = self._fresh[:old]
             dead[: old * ni] = self._dead[: old * ni]
             jpos[: old * ni] = self._jpos[: old * ni]
@@ -561,6 +625,9 @@ cdef class Kernel:
         cdef uint8_t[::1] mfr = fresh
         self.fresh = &mfr[0]
         self._dead, self._jpos = dead, jpos
+        self._pcache = pcache
+        cdef int64_t[::1] mpc = pcache
+        self.pcache = &mpc[0]
         cdef int64_t[::1] mdd = dead
         cdef int32_t[::1] mjp = jpos
         self.dead = &mdd[0]
@@ -731,6 +798,244 @@ cdef class Kernel:
         elif kind == K_SESS:
             self._sess_add(&self.pools[<size_t>u * self.n_var + self.f_var[f]], ts,
                            self.f_window[f], self.f_span[f])
+        elif kind == K_PRED:
+            self._pred_add(u, f, e, ts, v)
+
+    # ------------------------------------------------------------------ predictive scores
+    cdef inline void _pred_forget_crossings(self, uint32_t u) noexcept nogil:
+        cdef int i
+        for i in range(self.n_patom):
+            self.pcache[<int64_t>u * self.n_patom + i] = INT64_MIN
+
+    cdef void _pred_add(self, uint32_t u, int f, int32_t e, int64_t ts, double v) noexcept nogil:
+        """Purchase statistics (first/last purchase, count, amounts) and the day ring: per
+        day, the number of events of any type and of each convert event type."""
+        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef double* fst = self.fstate + <int64_t>u * self.fstride + self.f_foff[f]
+        cdef uint64_t* ring = <uint64_t*>(ist + 3)
+        cdef int64_t d = floordiv(ts, DAY_MS)
+        cdef int j
+        if e == self.pr_buy:
+            fst[0] += 1
+            if ts < ist[0]:
+                ist[0] = ts
+                fst[1] = v
+            if ts > ist[1]:
+                ist[1] = ts
+            if not isnan(v):
+                fst[2] += v
+                fst[3] += 1
+            self._pred_forget_crossings(u)
+        if not self._ring_advance(ist, d):
+            return                      # older than the ring: no score reads that day
+        self._ring_inc(ring, d, 0)
+        for j in range(self.n_conv):
+            if e == self.pr_conv[j]:
+                self._ring_inc(ring, d, j + 1)
+
+    cdef bint _ring_advance(self, int64_t* ist, int64_t d) noexcept nogil:
+        """Make day d the ring's newest if it is later (the days in between start empty);
+        False when d is older than the ring."""
+        cdef uint64_t* ring = <uint64_t*>(ist + 3)
+        cdef int64_t head = ist[2], x
+        cdef int j
+        if head == INT64_MIN or d > head:
+            x = d - RING_DAYS + 1 if head == INT64_MIN or d - head >= RING_DAYS else head + 1
+            while x <= d:
+                for j in range(self.pr_spd):
+                    ring[self._ring_slot(x, 0) + j] = 0
+                x += 1
+            ist[2] = d
+            return True
+        return d > head - RING_DAYS
+
+    cdef inline size_t _ring_slot(self, int64_t d, int j) noexcept nogil:
+        cdef int64_t m = d % RING_DAYS
+        if m < 0:
+            m += RING_DAYS
+        return <size_t>(m * self.pr_spd + j // 4)
+
+    cdef inline void _ring_inc(self, uint64_t* ring, int64_t d, int j) noexcept nogil:
+        cdef uint64_t* slot = ring + self._ring_slot(d, j)
+        cdef int sh = 16 * (j % 4)
+        if ((slot[0] >> sh) & 0xFFFF) != 0xFFFF:      # saturates at 65535 a day
+            slot[0] += (<uint64_t>1) << sh
+
+    cdef inline void _ring_add(self, uint64_t* ring, int64_t d, int j, int64_t n) noexcept nogil:
+        cdef uint64_t* slot = ring + self._ring_slot(d, j)
+        cdef int sh = 16 * (j % 4)
+        cdef int64_t have = <int64_t>((slot[0] >> sh) & 0xFFFF)
+        if have + n > 0xFFFF:
+            n = 0xFFFF - have
+        slot[0] += (<uint64_t>n) << sh
+
+    cdef inline int64_t _ring_get(self, const uint64_t* ring, int64_t d, int j) noexcept nogil:
+        return <int64_t>((ring[self._ring_slot(d, j)] >> (16 * (j % 4))) & 0xFFFF)
+
+    cdef bint _conv_features(self, uint32_t u, int64_t D, double* out) noexcept nogil:
+        """score.convert's features on day D from the ring: log1p of each convert event's
+        count over days D-6..D, active days / 7, days since the last active day / 7. False
+        when the user had no event in those days."""
+        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[self.pred_f]
+        cdef const uint64_t* ring = <const uint64_t*>(ist + 3)
+        cdef int64_t head = ist[2], d, lastd = INT64_MIN
+        cdef int j, active = 0
+        cdef double cnt[8]
+        if head == INT64_MIN:
+            return False
+        for j in range(self.n_conv):
+            cnt[j] = 0
+        for d in range(D - 6, D + 1):
+            if d > head or d <= head - RING_DAYS:
+                continue
+            if self._ring_get(ring, d, 0) > 0:
+                active += 1
+                lastd = d
+                for j in range(self.n_conv):
+                    cnt[j] += <double>self._ring_get(ring, d, j + 1)
+        if active == 0:
+            return False
+        for j in range(self.n_conv):
+            out[j] = log1p(cnt[j])
+        out[self.n_conv] = active / 7.0
+        out[self.n_conv + 1] = <double>(D - lastd) / 7.0
+        return True
+
+    cdef double _expected(self, double t, double x, double tx, double T) noexcept nogil:
+        """BG/NBD E[purchases in the next t days | x, t_x, T] (docs/predictive.md): the
+        hypergeometric term rewritten by two Pfaff transformations so that its series
+        converges geometrically for every x."""
+        cdef double r = self.pp[0], al = self.pp[1], a = self.pp[2], b = self.pp[3]
+        cdef double c = a + b + x - 1.0, A = a + b - 1.0 - r, a1 = a - 1.0
+        cdef double z = t / (al + T + t), L = log1p(t / (al + T))
+        cdef double term, R = 0.0, head, E
+        cdef int k = 1
+        if c == 0:
+            return NAN
+        term = A * z / c
+        while k < MAX_SERIES:
+            R += term
+            if term == 0 or fabs(term) <= 1e-17 * fabs(R):
+                break
+            if c + k == 0:
+                return NAN
+            term *= (A + k) * (a + k - 1.0) * z / ((c + k) * (k + 1.0))
+            k += 1
+        head = L if fabs(a1) < 1e-12 else -expm1(-a1 * L) / a1
+        E = c * (head - exp(-a1 * L) * R)
+        if x > 0:
+            E /= 1.0 + (a / (b + x - 1.0)) * exp((r + x) * log((al + T) / (al + tx)))
+        return E
+
+    cdef bint _pred_value(self, uint32_t u, int sid, int64_t t, double* out) noexcept nogil:
+        """The model's value of built-in score ``sid`` for u at t (False: missing)."""
+        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[self.pred_f]
+        cdef double* fst = self.fstate + <int64_t>u * self.fstride + self.f_foff[self.pred_f]
+        cdef double x, tx, T, pa, E, xm, z, feats[10]
+        cdef double r = self.pp[0], al = self.pp[1], a = self.pp[2], b = self.pp[3]
+        cdef int j
+        if sid == S_CONVERT:
+            if fst[0] > 0 or isnan(self.pp[PP_COEF]):
+                return False
+            if not self._conv_features(u, floordiv(t, DAY_MS), feats):
+                return False
+            z = self.pp[PP_COEF]
+            for j in range(self.n_conv + 2):
+                z += self.pp[PP_COEF + 1 + j] * feats[j]
+            out[0] = 1.0 / (1.0 + exp(-z))
+            return True
+        if fst[0] < 1 or isnan(r):
+            return False
+        x = fst[0] - 1.0
+        tx = <double>(ist[1] - ist[0]) / <double>DAY_MS
+        T = <double>((t if t > ist[1] else ist[1]) - ist[0]) / <double>DAY_MS
+        if sid == S_P_ALIVE or sid == S_CHURN:
+            pa = 1.0 if x <= 0 else 1.0 / (1.0 + (a / (b + x - 1.0)) *
+                                           exp((r + x) * log((al + T) / (al + tx))))
+            out[0] = pa if sid == S_P_ALIVE else 1.0 - pa
+            return not isnan(out[0])
+        E = self._expected(self.pp[7], x, tx, T)
+        if sid == S_EXPECTED:
+            out[0] = E
+            return not isnan(E)
+        if isnan(self.pp[4]):
+            return False
+        # Gamma-Gamma spend: the mean of the repeat purchases with an amount, shrunk to the
+        # population mean p v / (q - 1)
+        xm = fst[3] - (0.0 if isnan(fst[1]) else 1.0)
+        if xm >= 1:
+            out[0] = E * (self.pp[4] * (self.pp[6] + (fst[2] - (0.0 if isnan(fst[1]) else fst[1])))
+                          / (self.pp[4] * xm + self.pp[5] - 1.0))
+        else:
+            out[0] = E * (self.pp[4] * self.pp[6] / (self.pp[5] - 1.0))
+        return not isnan(out[0])
+
+    cdef int _pred_sign(self, uint32_t u, int a, int64_t t) noexcept nogil:
+        """sign(value - k) of predictive atom a for u at t; 2 when the value is missing."""
+        cdef double v
+        if not self._pred_value(u, self.a_t0[a], t, &v):
+            return 2
+        return (v > self.a_k[a]) - (v < self.a_k[a])
+
+    cdef int64_t _pred_next(self, uint32_t u, int a, int64_t t) noexcept nogil:
+        """The next instant > t at which predictive atom a can change for u without events.
+
+        Convert scores change at UTC midnights only: try each until the user's days have left
+        the window. The BG/NBD scores are monotone in time for a fixed history, so sign(value
+        - k) changes at most once from + or - towards the other: double the step until it
+        differs, then bisect to the exact millisecond (cached until u's purchases change)."""
+        cdef int64_t* c
+        cdef int64_t D, k, last, lo, hi, mid, step
+        cdef int64_t* ist
+        cdef int s0
+        cdef bint cur
+        if not isnan(self.scores[<int64_t>u * self.n_score + self.a_t1[a]]):
+            return INT64_MAX                # the caller's value holds until they change it
+        if self.a_t0[a] == S_CONVERT:
+            if isnan(self.pp[PP_COEF]):
+                return INT64_MAX
+            ist = self.istate + <int64_t>u * self.istride + self.f_ioff[self.pred_f]
+            if ist[2] == INT64_MIN:
+                return INT64_MAX
+            D = floordiv(t, DAY_MS)
+            last = ist[2] + 7 - D           # from that day on, no event is in the window
+            cur = self._atom(u, a, t)
+            k = 1
+            while k <= last and k <= RING_DAYS + 8:
+                if D + k > INT64_MAX // DAY_MS - 1:
+                    return INT64_MAX
+                if self._atom(u, a, (D + k) * DAY_MS) != cur:
+                    return (D + k) * DAY_MS
+                k += 1
+            return INT64_MAX
+        c = self.pcache + <int64_t>u * self.n_patom + self.a_s[a]
+        if c[0] > t:
+            return c[0]
+        if t > INT64_MAX - 4 * PRED_REACH:
+            return INT64_MAX
+        s0 = self._pred_sign(u, a, t)
+        if s0 == 2:
+            c[0] = INT64_MAX                # missing until the user's purchases change
+            return INT64_MAX
+        lo = t
+        step = 1
+        while True:
+            hi = t + step
+            if self._pred_sign(u, a, hi) != s0:
+                break
+            if step >= PRED_REACH:
+                c[0] = hi                   # nothing this side of 2230 years: look again then
+                return hi
+            lo = hi
+            step *= 2
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            if self._pred_sign(u, a, mid) == s0:
+                lo = mid
+            else:
+                hi = mid
+        c[0] = hi
+        return hi
 
     cdef void _mode_add(self, vector[Entry]* vec, int64_t ts, int64_t key) noexcept nogil:
         # entries sorted by key: ts/val = the latest event (ts, per-user arrival stamp) of the
@@ -1295,6 +1600,13 @@ cdef class Kernel:
             return self.a_op[a] == OP_EXISTS
         if kind == A_SEQ:
             return self._seq_eval(u, f, t, &A)
+        if kind == A_PRED:
+            l = self.scores[<int64_t>u * self.n_score + self.a_t1[a]]
+            if isnan(l) and not self._pred_value(u, self.a_t0[a], t, &l):
+                return False
+            if self.a_op[a] == OP_EXISTS:
+                return True
+            return cmp_v(self.a_op[a], l, self.a_k[a])
         if kind == A_ABANDON:
             ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
             if self.f_kind[f] == K_ABANDON:
@@ -1357,6 +1669,10 @@ cdef class Kernel:
                 w = nxt
         for i in range(self.time_atoms.shape[0]):
             nxt = self._time_next_flip(u, self.time_atoms[i], t)
+            if nxt < w:
+                w = nxt
+        for i in range(self.n_patom):
+            nxt = self._pred_next(u, self.pred_atoms[i], t)
             if nxt < w:
                 w = nxt
         for i in range(self.n_items):
@@ -1634,6 +1950,90 @@ cdef class Kernel:
         for i in range(uidx.shape[0]):
             for j in range(ns):
                 self.scores[<int64_t>uidx[i] * ns + j] = values[i * ns + j]
+            self._pred_forget_crossings(uidx[i])
+
+    # ------------------------------------------------------------------ predictive (Python side)
+    def set_pred_params(self, const double[::1] params not None):
+        """Set the predictive parameters (NaN = that model is not fitted): r, alpha, a, b,
+        p, q, v, horizon in days, then the logistic coefficients (intercept first). The
+        caller re-evaluates (eval_all)."""
+        cdef int i
+        if params.shape[0] > N_PP:
+            raise ValueError("set_pred_params: too many parameters")
+        for i in range(N_PP):
+            self.pp[i] = params[i] if i < params.shape[0] else NAN
+        for i in range(self.n_users * self.n_patom):
+            self.pcache[i] = INT64_MIN
+
+    def pred_params(self):
+        return np.array([self.pp[i] for i in range(N_PP)], dtype=np.float64)
+
+    def pred_stats(self):
+        """Per user: (purchases, first purchase ts, last purchase ts, amount of the first,
+        sum of amounts, purchases with an amount) as numpy arrays."""
+        if self.pred_f < 0:
+            raise ValueError("pred_stats: the plan keeps no predictive state")
+        n = self.n_users
+        ist = self._istate[: n * self.istride].reshape(n, max(self.istride, 1)) \
+            if self.istride else np.zeros((n, 1), np.int64)
+        fst = self._fstate[: n * self.fstride].reshape(n, max(self.fstride, 1))
+        io, fo = self.f_ioff[self.pred_f], self.f_foff[self.pred_f]
+        return (fst[:, fo].copy(), ist[:, io].copy(), ist[:, io + 1].copy(),
+                fst[:, fo + 1].copy(), fst[:, fo + 2].copy(), fst[:, fo + 3].copy())
+
+    def pred_features(self, int64_t day):
+        """score.convert's features of every user on ``day`` (UTC days since the epoch):
+        an (n_users, n_conv + 2) float array and a uint8 mask of users with an event in the
+        7 days up to it."""
+        if self.pred_f < 0:
+            raise ValueError("pred_features: the plan keeps no predictive state")
+        cdef int64_t n = self.n_users, u
+        cdef int k = self.n_conv + 2, j
+        X = np.zeros((n, k), dtype=np.float64)
+        ok = np.zeros(n, dtype=np.uint8)
+        cdef double[:, ::1] mx = X
+        cdef uint8_t[::1] mo = ok
+        cdef double buf[10]
+        for u in range(n):
+            if self._conv_features(<uint32_t>u, day, buf):
+                mo[u] = 1
+                for j in range(k):
+                    mx[u, j] = buf[j]
+        return X, ok
+
+    def pred_scores_of(self, const uint32_t[::1] uidx not None, int64_t t):
+        """Like :meth:`pred_scores` for the given users only."""
+        cdef Py_ssize_t i
+        cdef int sid
+        cdef double v
+        out = np.full((uidx.shape[0], 5), np.nan, dtype=np.float64)
+        cdef double[:, ::1] mo = out
+        for i in range(uidx.shape[0]):
+            if uidx[i] >= self.n_users:
+                raise ValueError("pred_scores_of: user index out of range")
+        if self.pred_f < 0:
+            return out
+        for i in range(uidx.shape[0]):
+            for sid in range(5):
+                if self._pred_value(uidx[i], sid, t, &v):
+                    mo[i, sid] = v
+        return out
+
+    def pred_scores(self, int64_t t):
+        """The models' scores (p_alive, churn, expected, ltv, convert) of every user at t,
+        NaN where missing; callers' set_scores values are not applied."""
+        cdef int64_t n = self.n_users, u
+        cdef int sid
+        cdef double v
+        out = np.full((n, 5), np.nan, dtype=np.float64)
+        cdef double[:, ::1] mo = out
+        if self.pred_f < 0:
+            return out
+        for u in range(n):
+            for sid in range(5):
+                if self._pred_value(<uint32_t>u, sid, t, &v):
+                    mo[u, sid] = v
+        return out
 
     def copy_features_from(self, Kernel src not None, const int32_t[::1] dst_f not None,
                            const int32_t[::1] src_f not None):
@@ -1784,6 +2184,25 @@ cdef class Kernel:
                         y = key_lower_bound(vd, vs[0][x].key)
                         vd.insert(vd.begin() + y, vs[0][x])
                         vd[0][y].val += <double>off
+            elif kind == K_PRED:
+                # src's purchases count as arriving after dst's (dst keeps a tied first)
+                if s[0] < d[0]:
+                    d[0] = s[0]
+                    fd[1] = fs[1]
+                if s[1] > d[1]:
+                    d[1] = s[1]
+                fd[0] += fs[0]
+                fd[2] += fs[2]
+                fd[3] += fs[3]
+                if s[2] != INT64_MIN:
+                    self._ring_advance(d, s[2])
+                    for off in range(s[2] - RING_DAYS + 1, s[2] + 1):
+                        if off <= d[2] - RING_DAYS:
+                            continue
+                        for k in range(self.n_conv + 1):
+                            self._ring_add(<uint64_t*>(d + 3), off, k,
+                                           self._ring_get(<uint64_t*>(s + 3), off, k))
+                self._pred_forget_crossings(dst)
             elif kind == K_SESS:
                 # the sessions of the union of both users' events
                 self.scratch.assign(vd.begin(), vd.end())
@@ -1828,6 +2247,7 @@ cdef class Kernel:
         for j in range(self.n_items):
             self.dead[<int64_t>u * self.n_items + j] = INT64_MAX
             self.jpos[<int64_t>u * self.n_items + j] = -1
+        self._pred_forget_crossings(u)
         self.wake[u] = INT64_MAX          # its heap entries are now stale
         self.bucket[u] = 0
         self.fresh[u] = 0
@@ -2066,7 +2486,7 @@ cdef class Kernel:
             pooled += self.pools[i].capacity() * sizeof(Entry) + sizeof(vector[Entry])
         arrays = (self._istate.nbytes + self._fstate.nbytes + self._members.nbytes +
                   self._tbits.nbytes + self._scores.nbytes + self._bucket.nbytes +
-                  self._wake.nbytes)
+                  self._wake.nbytes + self._pcache.nbytes)
         return {
             "users": self.n_users,
             "capacity": self.cap,

@@ -34,11 +34,12 @@ __all__ = ["Plan", "compile_segments", "FeatureSpec"]
 
 # feature kinds (mirrored in _kernel.pyx)
 K_TOPK, K_COUNT, K_STATS, K_FIRST, K_LAST, K_WLIST, K_DISTINCT, K_ABANDON, K_ABANDON_BY, \
-    K_SUM, K_MODE, K_SEQ, K_SESS = range(1, 14)
+    K_SUM, K_MODE, K_SEQ, K_SESS, K_PRED = range(1, 15)
 TIME_KINDS = (K_TOPK, K_WLIST, K_ABANDON, K_ABANDON_BY, K_SEQ, K_SESS)
 VAR_KINDS = (K_WLIST, K_DISTINCT, K_ABANDON_BY, K_MODE, K_SEQ, K_SESS)
 # atoms
-A_CONST, A_COUNTK, A_NUM, A_TIME, A_TRAIT, A_BUCKET, A_IN, A_ABANDON, A_MODE, A_SEQ = range(10)
+A_CONST, A_COUNTK, A_NUM, A_TIME, A_TRAIT, A_BUCKET, A_IN, A_ABANDON, A_MODE, A_SEQ, \
+    A_PRED = range(11)
 OPS = {"==": 0, "!=": 1, "<": 2, "<=": 3, ">": 4, ">=": 5, "exists": 6}
 MIRROR = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 T_CONST, T_FEAT, T_SCORE, T_ADD, T_SUB, T_DIV = range(6)
@@ -52,6 +53,38 @@ ANY = -1
 #: Largest K kept for a windowed count compared with a constant; above it the window's
 #: events are kept instead (still exact).
 MAX_TOPK = 4096
+DAY_MS = 86_400_000
+#: Days of event counts the predictive state keeps per user (docs/predictive.md): the 7 days
+#: a convert score reads, the 7 before them that training reads, and two spare days.
+RING_DAYS = 16
+#: The most event types score.convert counts.
+MAX_CONVERT_EVENTS = 8
+#: Built-in score ids (mirrored in _kernel.pyx)
+S_P_ALIVE, S_CHURN, S_EXPECTED, S_LTV, S_CONVERT = range(5)
+
+
+class PredictSpec(msgspec.Struct, frozen=True):
+    """What the built-in predictive scores read (``Engine(predictive=...)``)."""
+    purchase: str = "purchase"
+    amount: str = "amount"
+    convert_events: tuple[str, ...] = ("product_view", "add_to_cart", "email_click")
+    horizon_ms: int = 90 * DAY_MS
+
+    @property
+    def horizon_text(self) -> str:
+        h = self.horizon_ms
+        return f"{h // DAY_MS}d" if h % DAY_MS == 0 else R._fmt_dur(h)
+
+    @property
+    def score_ids(self) -> dict[str, int]:
+        """Built-in score name -> score id."""
+        h = self.horizon_text
+        return {"p_alive": S_P_ALIVE, "churn": S_CHURN, f"expected_purchases_{h}": S_EXPECTED,
+                f"ltv_{h}": S_LTV, "convert": S_CONVERT}
+
+    @property
+    def slots_per_day(self) -> int:
+        return (len(self.convert_events) + 1 + 3) // 4
 
 
 class FeatureSpec(msgspec.Struct, frozen=True):
@@ -64,6 +97,7 @@ class FeatureSpec(msgspec.Struct, frozen=True):
     window_ms: int = 0         # 0 = all time; for abandoned, T
     span_ms: int = 0           # seq: within (0 = no limit); sessions: the timeout
     steps: tuple = ()          # seq: (event, where JSON or None, negated) per step
+    evlist: tuple = ()         # predictive state: the event types score.convert counts
 
     @property
     def events(self) -> tuple:
@@ -101,8 +135,18 @@ class Plan:
 
 class _Builder:
     def __init__(self, event_code: Callable[[str], int], value_code=None,
-                 session_ms: int = SESSION_MS):
+                 session_ms: int = SESSION_MS, predict: PredictSpec | None = None):
         self.plan = Plan()
+        self.predict = predict
+        self.builtin = predict.score_ids if predict is not None else {}
+        self.pred_f = -1
+        if predict is not None:
+            # the predictive state listens to every event (the convert score's activity days)
+            self.pred_f = self.feature(FeatureSpec(
+                K_PRED, None, predict.purchase, val=predict.amount,
+                evlist=tuple(predict.convert_events)))
+            for e in (predict.purchase, *predict.convert_events):
+                event_code(e)
         self.event_code = event_code
         self.value_code = value_code
         self.session_ms = session_ms
@@ -138,7 +182,7 @@ class _Builder:
         if spec.val is not None:
             if spec.val not in p.val_props:
                 p.val_props.append(spec.val)
-            p.numeric.add((spec.event, spec.val))
+            p.numeric.add((spec.event2 if spec.kind == K_PRED else spec.event, spec.val))
         if spec.key is not None and spec.key not in p.key_props:
             p.key_props.append(spec.key)
         return i
@@ -172,6 +216,8 @@ class _Builder:
             spec = FeatureSpec(K_SEQ, c.steps[0].event, key=c.by, window_ms=c.window_ms or 0,
                                span_ms=c.within_ms or 0, steps=steps)
             prog.append((P_ATOM, self.atom(A_SEQ, f=self.feature(spec))))
+        elif isinstance(c, R.Exists) and self._builtin(c.value) is not None:
+            prog.append((P_ATOM, self.pred_atom(self._builtin(c.value), "exists", 0.0)))
         elif isinstance(c, R.Exists) and R._is_mode(c.value):
             prog.append((P_ATOM, self.atom(A_MODE, OPS["exists"], f=self.mode_feature(c.value))))
         elif isinstance(c, R.Seen):
@@ -228,7 +274,23 @@ class _Builder:
         else:  # pragma: no cover - validate() rejects everything else
             raise RuleError(f"cannot compile `{type(c).__name__}`")
 
+    def _builtin(self, v) -> int | None:
+        return self.builtin.get(v.name) if isinstance(v, R.Score) else None
+
+    def pred_atom(self, sid: int, op: str, k: float) -> int:
+        name = next(n for n, i in self.builtin.items() if i == sid)
+        if name not in self.plan.score_names:        # a caller's set_scores() overrides it
+            self.plan.score_names.append(name)
+        ov = self.plan.score_names.index(name)
+        return self.atom(A_PRED, OPS[op], f=self.pred_f, t0=sid, t1=ov, k=float(k),
+                         key=("pred", sid, op, float(k)))
+
     def compare(self, c: R.Compare) -> int:
+        bl, br = self._builtin(c.left), self._builtin(c.right)
+        if bl is not None and isinstance(c.right, R.Num):
+            return self.pred_atom(bl, c.op, c.right.value)
+        if br is not None and isinstance(c.left, R.Num):
+            return self.pred_atom(br, MIRROR[c.op], c.left.value)
         if R._is_mode(c.left) or R._is_mode(c.right):
             mode, const = (c.left, c.right) if R._is_mode(c.left) else (c.right, c.left)
             v = const.value if isinstance(const, (R.Num, R.Str)) else const.ms
@@ -272,6 +334,11 @@ class _Builder:
             self.terms.append((T_CONST, 0, 0, float(v.value)))
         elif isinstance(v, R.Dur):
             self.terms.append((T_CONST, 0, 0, float(v.ms)))
+        elif isinstance(v, R.Score) and v.name in self.builtin:
+            raise RuleError(f"`score.{v.name}` is a built-in predictive score: it can only be "
+                            "compared with a number (`score.{v.name} >= 0.7`) or tested with "
+                            "`exists`, because it changes with time and segcore schedules the "
+                            "instant it crosses a constant (docs/predictive.md)")
         elif isinstance(v, R.Score):
             if v.name not in self.plan.score_names:
                 self.plan.score_names.append(v.name)
@@ -366,7 +433,8 @@ class _Builder:
 
 def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
                      items: list[dict] | None = None, *, value_code=None,
-                     session_ms: int = SESSION_MS, seq_cap: int = 1024) -> Plan:
+                     session_ms: int = SESSION_MS, seq_cap: int = 1024,
+                     predict: PredictSpec | None = None) -> Plan:
     """Compile segments (name -> AST, in definition order) into a :class:`Plan`.
 
     ``event_code(name)`` interns an event type and returns its code; it is called for every
@@ -376,7 +444,8 @@ def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
     ``steps`` (list of ``(delay_ms, only_if segment name or None)``) and ``exits`` (journeys).
     ``value_code(v)`` interns a property value (the constants ``mode(...)`` is compared with);
     ``session_ms`` is the session timeout and ``seq_cap`` the most events a ``seq`` keeps per
-    user (docs/patterns.md).
+    user (docs/patterns.md). ``predict`` enables the built-in predictive scores
+    (docs/predictive.md): the plan then keeps their per-user state as feature 0.
     """
     deps = {name: R.references(ast) for name, ast in asts.items()}
     for name, refs in deps.items():
@@ -384,7 +453,7 @@ def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
             if r not in asts:
                 raise RuleError(f"unknown segment `{r}`{R._suggest(r, asts)}", segment=name)
     order = R.topo_order(deps)
-    b = _Builder(event_code, value_code, session_ms)
+    b = _Builder(event_code, value_code, session_ms, predict)
     b.seg_index = {name: i for i, name in enumerate(order)}
     progs = []
     for name in order:
@@ -396,6 +465,10 @@ def compile_segments(asts: dict[str, R.Cond], event_code: Callable[[str], int],
     p.asts = dict(asts)
     _layout(p, b, progs, event_code)
     p.arrays["seq_cap"] = seq_cap
+    p.arrays["pred_f"] = b.pred_f
+    p.arrays["pr_buy"] = event_code(predict.purchase) if predict is not None else -1
+    p.arrays["pr_conv"] = np.array([event_code(e) for e in predict.convert_events]
+                                   if predict is not None else [], dtype=np.int32)
     p.local_events = set().union(*(evs for w, evs in zip(p.filters, p.filter_events)
                                    if any(isinstance(n, R.Local) for n in R._walk(w))))
     p.arrays.update(_item_arrays(items or [], b.seg_index))
@@ -448,6 +521,15 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
         elif spec.kind == K_ABANDON:
             irow += [np.iinfo(np.int64).min] * 2
             ioff += 2
+        elif spec.kind == K_PRED:
+            # first purchase ts, last purchase ts, newest day of the ring, the ring
+            nring = RING_DAYS * ((len(spec.evlist) + 4) // 4)
+            irow += [np.iinfo(np.int64).max, np.iinfo(np.int64).min,
+                     np.iinfo(np.int64).min] + [0] * nring
+            ioff += 3 + nring
+            # purchases, amount of the first, sum of amounts, purchases with an amount
+            frow += [0.0, float("nan"), 0.0, 0.0]
+            foff += 4
         if spec.kind == K_STATS:
             frow += [0.0, 0.0, 0.0]
             foff += 3
@@ -472,6 +554,8 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
         lst_feat += codes.get(c, [])
         lst_start.append(len(lst_feat))
     atoms = b.atoms or [[A_CONST, 0, -1, 0, 0, 0, 0, 0, 0.0, 0]]
+    for slot, i in enumerate(i for i, a in enumerate(atoms) if a[0] == A_PRED):
+        atoms[i][7] = slot          # the atom's column in the kernel's crossing-time cache
     p_start, p_op, p_arg = [0], [], []
     for prog in progs:
         for op, arg in prog:
@@ -513,6 +597,7 @@ def _layout(p: Plan, b: _Builder, progs: list, event_code) -> None:
         a_t3=[a[6] for a in atoms], a_s=[a[7] for a in atoms], a_k=[a[8] for a in atoms],
         a_c=[a[9] for a in atoms],
         time_atoms=[i for i, a in enumerate(atoms) if a[0] == A_TIME],
+        pred_atoms=[i for i, a in enumerate(atoms) if a[0] == A_PRED],
         t_kind=[t[0] for t in terms], t_a=[t[1] for t in terms], t_b=[t[2] for t in terms],
         t_v=[t[3] for t in terms],
         p_start=p_start, p_op=p_op, p_arg=p_arg,
@@ -542,6 +627,9 @@ def _segment_index(p: Plan, b: _Builder, progs: list, codes: dict, n_codes: int)
             kind, _, f, t0, t1, t2, t3 = b.atoms[arg][:7]
             if kind in (A_COUNTK, A_ABANDON, A_MODE, A_SEQ):
                 fs.add(f)
+            elif kind == A_PRED:
+                fs.add(f)
+                tm = True
             elif kind == A_IN:
                 rs.add(f)
             elif kind in (A_NUM, A_TIME):

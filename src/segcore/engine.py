@@ -36,7 +36,9 @@ from pyroaring import BitMap, FrozenBitMap
 from . import rules as R
 from . import wal as _wal
 from ._kernel import IdMap, Kernel
-from .compile import Plan, compile_segments, feature_map
+from .compile import (DAY_MS, MAX_CONVERT_EVENTS, Plan, PredictSpec, compile_segments,
+                      feature_map)
+from . import predict as _predict
 from .errors import EventError, RuleError, SegcoreError, ShardGap, SnapshotError
 from .hashing import bucket_of, buckets_of_ints
 from .localtime import TZ_TRAIT, check_tz, hours_weekdays
@@ -442,6 +444,16 @@ class Engine:
     seq_max_events : int
         The most events one ``seq(...)`` keeps per user (default 1024); past it the oldest is
         evicted and counted in ``stats()["seq_evicted"]``.
+    predictive : bool or dict, optional
+        Keep the per-user statistics of the built-in predictive scores (``score.churn``,
+        ``score.p_alive``, ``score.expected_purchases_90d``, ``score.ltv_90d``,
+        ``score.convert``; docs/predictive.md) from the first event on. ``True`` for the
+        defaults, or a dict with ``purchase`` (event type, ``"purchase"``), ``amount``
+        (its numeric property, ``"amount"``), ``convert_events`` (the event types
+        ``score.convert`` counts, ``["product_view", "add_to_cart", "email_click"]``) and
+        ``horizon`` (of the expected purchases and value, ``"90d"``). Off by default: it
+        costs about 180 bytes per user. Without it, ``score.churn`` & co. are ordinary
+        caller-set scores.
 
     Examples
     --------
@@ -458,7 +470,8 @@ class Engine:
     def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
                  dedup_horizon="1d", event_types: Iterable[str] | None = None,
                  max_queued_firings: int = 1_000_000, wal: str | os.PathLike | None = None,
-                 fsync: str = "always", session_timeout="30m", seq_max_events: int = 1024):
+                 fsync: str = "always", session_timeout="30m", seq_max_events: int = 1024,
+                 predictive: bool | Mapping[str, Any] | None = None):
         if clock is not None and not callable(clock):
             raise SegcoreError("clock must be a callable returning seconds (like time.time)")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -474,6 +487,8 @@ class Engine:
                 or seq_max_events < 1:
             raise SegcoreError("seq_max_events must be an int >= 1")
         self._seq_cap = seq_max_events
+        self._pred = _predict_spec(predictive)
+        self._pred_model = _predict.PredictiveModel()
         self._event_types = None if event_types is None else set(event_types)
         # ids
         self._int_dense = IdMap()                  # int user id -> dense index
@@ -500,7 +515,7 @@ class Engine:
         self._asts: dict[str, R.Cond] = {}
         self._texts: dict[str, str] = {}
         self._set_plan(self._compile({}, []))
-        self._kernel = Kernel(self._plan.arrays)
+        self._kernel = self._new_kernel(self._plan)
         self._bitmaps: dict[str, BitMap] = {}
         self._all = BitMap()
         # triggers and journeys (docs/triggers.md), in registration order
@@ -537,7 +552,13 @@ class Engine:
 
     def _compile(self, asts: dict, items: list) -> Plan:
         return compile_segments(asts, self._event_code, items, value_code=self._value_code,
-                                session_ms=self._session_ms, seq_cap=self._seq_cap)
+                                session_ms=self._session_ms, seq_cap=self._seq_cap,
+                                predict=self._pred)
+
+    def _new_kernel(self, plan: Plan) -> Kernel:
+        kernel = Kernel(plan.arrays)
+        kernel.set_pred_params(self._pred_model.vector(self._pred))
+        return kernel
 
     def _set_plan(self, plan: Plan) -> None:
         self._plan = plan
@@ -850,7 +871,7 @@ class Engine:
         before = self._collect(self._kernel, tuple(old.names))
         fired = self._take_firings()
         self._evicted()
-        kernel = Kernel(plan.arrays)
+        kernel = self._new_kernel(plan)
         smap = np.array([old.names.index(n) if n in old.names else -1 for n in plan.names],
                         dtype=np.int32)
         old_keys = [it.key() for it in self._items]
@@ -1049,6 +1070,92 @@ class Engine:
         self._push_profiles([d])
         self._kernel.eval_users(np.array([d], dtype=np.uint32))
         return list(self._drain([]))
+
+    # ------------------------------------------------------------------ predictive scores
+    def _require_predictive(self, what: str) -> PredictSpec:
+        if self._pred is None:
+            raise SegcoreError(f"{what} needs the predictive statistics: create the engine "
+                               "with Engine(predictive=True) (they are kept from its first "
+                               "event on; docs/predictive.md)")
+        return self._pred
+
+    @property
+    def predictive_model(self) -> "_predict.PredictiveModel":
+        """The fitted parameters of the built-in scores (a model is ``None`` until fitted)."""
+        return self._pred_model
+
+    def fit_predictive(self, *, l2: float = 1.0) -> Transitions:
+        """Fit the built-in scores' population parameters by maximum likelihood from the
+        current state, store them (snapshots and the log keep them) and re-score everyone.
+
+        * BG/NBD (``p_alive``, ``churn``, ``expected_purchases_*``) from every buyer's
+          repeat purchases ``x``, days from first to last purchase ``t_x`` and from first
+          purchase to now ``T``;
+        * Gamma-Gamma (``ltv_*``) from the buyers with a repeat purchase carrying an amount;
+        * the logistic ``convert`` model from the engine's own outcomes: the users active in
+          the 7 days up to 8 days ago who had not bought by then, labelled by whether they
+          made their first purchase in the 7 complete days after (``l2`` is its ridge).
+
+        A model that cannot be fitted (too few buyers, one outcome only) keeps its previous
+        parameters; :attr:`predictive_model` ``.skipped`` says why. Needs scipy
+        (``pip install 'segcore[predict]'``). Returns the transitions the new scores cause
+        now (later ones arrive on time, as always).
+        """
+        spec = self._require_predictive("fit_predictive()")
+        if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
+            raise SegcoreError(f"l2 must be a number >= 0, got {l2!r}")
+        clock_ms = self._read_clock()
+        self._catch_up(clock_ms)
+        model = _predict.fit_model(self._kernel, spec, int(self._kernel.now),
+                                   self._pred_model, l2=float(l2))
+        return self.set_predictive_model(msgspec.to_builtins(model))
+
+    def set_predictive_model(self, model) -> Transitions:
+        """Use these parameters for the built-in scores (a :class:`segcore.predict.
+        PredictiveModel` or its ``msgspec.to_builtins`` form, e.g. fitted on another engine)
+        and re-score everyone."""
+        spec = self._require_predictive("set_predictive_model()")
+        m = _predict.PredictiveModel.coerce(model, spec)
+        clock_ms = self._read_clock()
+        self._catch_up(clock_ms)
+        self._pred_model = m
+        self._kernel.set_pred_params(m.vector(spec))
+        self._kernel.eval_all()
+        return self._drain([])
+
+    def scores_of(self, user: UserId) -> dict[str, float]:
+        """A user's scores now: the caller's (:meth:`set_scores`) and, on a predictive
+        engine, the built-in ones (a caller's value of the same name wins; a score that is
+        missing, e.g. ``churn`` of a user who never bought, is left out)."""
+        self._read_sync()
+        d = self._dense_of(self._check_user(user))
+        if d is None:
+            return {}
+        out: dict[str, float] = {}
+        if self._pred is not None:
+            vals = self._kernel.pred_scores_of(np.array([d], dtype=np.uint32),
+                                               int(self._kernel.now))[0]
+            for name, sid in self._pred.score_ids.items():
+                if not math.isnan(vals[sid]):
+                    out[name] = float(vals[sid])
+        out.update(self._scores.get(d, {}))
+        return out
+
+    def predictive_scores(self) -> dict[str, np.ndarray]:
+        """Every user's built-in scores now, as columns: ``user`` (public numbers, as in
+        :meth:`members`) and one float64 column per score (NaN where missing). Callers'
+        :meth:`set_scores` values are not applied."""
+        spec = self._require_predictive("predictive_scores()")
+        self._read_sync()
+        n = self._n_users
+        keep = np.ones(n, dtype=bool)
+        if self._erased:
+            keep[list(self._erased)] = False
+        vals = self._kernel.pred_scores(int(self._kernel.now))[:n][keep]
+        out = {"user": self._pub[:n][keep].copy()}
+        for name, sid in spec.score_ids.items():
+            out[name] = np.ascontiguousarray(vals[:, sid])
+        return out
 
     # ------------------------------------------------------------------ time
     def _read_clock(self) -> int | None:
@@ -2165,15 +2272,50 @@ class Engine:
 
 
 _DATA_CALLS = {"track", "track_many", "track_json", "advance", "set_traits", "set_traits_many",
-               "set_scores", "alias"}
+               "set_scores", "alias", "set_predictive_model"}
 _SHARD_METHODS = {"_shard_batch", "_shard_op", "_shard_import", "_shard_drop"}
 _SHARD_OPS = {"add_segments", "replace_segment", "remove_segment", "forget", "alias",
               "set_traits", "set_traits_many", "set_scores", "add_trigger", "cap"}
 _OWN_ATTRS = {"_log", "_replaying", "_wal_depth", "_clock_seen", "_replay_clock", "_wal_dir",
               "_wal_seq", "_fsync", "_shard_seq", "_shard_results", "_clock"}
-_LOGGED = {"add_segments", "replace_segment", "alias", "remove_segment", "set_traits", "set_traits_many", "set_scores",
+_LOGGED = {"add_segments", "replace_segment", "alias", "remove_segment", "set_traits",
+           "set_traits_many", "set_scores", "set_predictive_model",
            "advance", "track", "track_many", "track_json", "cap", "journey",
            "_shard_call"}
+
+
+def _predict_spec(v) -> PredictSpec | None:
+    """Validate ``Engine(predictive=...)``."""
+    if v is None or v is False:
+        return None
+    if v is True:
+        return PredictSpec()
+    if not isinstance(v, Mapping):
+        raise SegcoreError(f"predictive must be True, None or a dict of options, got "
+                           f"{type(v).__name__}")
+    unknown = set(v) - {"purchase", "amount", "convert_events", "horizon"}
+    if unknown:
+        raise SegcoreError(f"unknown predictive option(s): {', '.join(sorted(map(str, unknown)))}"
+                           " (expected purchase, amount, convert_events, horizon)")
+    d = PredictSpec()
+    purchase, amount = v.get("purchase", d.purchase), v.get("amount", d.amount)
+    for name, x in (("purchase", purchase), ("amount", amount)):
+        if not isinstance(x, str) or not x:
+            raise SegcoreError(f"predictive {name} must be a non-empty string, got {x!r}")
+    conv = v.get("convert_events", d.convert_events)
+    if isinstance(conv, str) or not all(isinstance(e, str) and e for e in conv):
+        raise SegcoreError("predictive convert_events must be a list of event type names")
+    conv = tuple(conv)
+    if len(set(conv)) != len(conv) or purchase in conv or len(conv) > MAX_CONVERT_EVENTS:
+        raise SegcoreError(f"predictive convert_events must be at most {MAX_CONVERT_EVENTS} "
+                           f"distinct event types other than `{purchase}`, got {list(conv)}")
+    try:
+        horizon = R.parse_duration(v.get("horizon", "90d"))
+    except RuleError as e:
+        raise SegcoreError(f"predictive horizon: {e}") from None
+    if horizon <= 0:
+        raise SegcoreError("predictive horizon must be longer than 0")
+    return PredictSpec(purchase, amount, conv, horizon)
 
 
 class _TraitStore:

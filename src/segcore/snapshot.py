@@ -118,6 +118,8 @@ class Meta(msgspec.Struct, frozen=True):
     shard_seq: int = 0                       # last call applied from a ShardedEngine driver
     session_ms: int = 1_800_000              # Engine(session_timeout=...)
     seq_cap: int = 1024                      # Engine(seq_max_events=...)
+    predictive: Union[dict[str, Any], None] = None   # Engine(predictive=...), normalised
+    pred_model: Any = None                   # its fitted model (PredictiveModel builtins)
 
 
 def _fail(reason: str) -> SnapshotError:
@@ -223,6 +225,10 @@ def state(eng) -> tuple["Meta", dict]:
         queue=list(eng._queue),
         sections=[],
         shard_seq=eng._shard_seq,
+        predictive=None if eng._pred is None else {
+            "purchase": eng._pred.purchase, "amount": eng._pred.amount,
+            "convert_events": list(eng._pred.convert_events), "horizon": eng._pred.horizon_ms},
+        pred_model=msgspec.to_builtins(eng._pred_model),
     )
     return meta, arrays
 
@@ -319,10 +325,18 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     from .triggers import Firing, JourneySpec, StepSpec, TriggerSpec
 
     callbacks = dict(callbacks or {})
-    eng = Engine(clock=clock, max_future=meta.max_future_ms, seed=meta.seed,
-                 dedup_horizon=meta.dedup_ms, event_types=meta.event_types,
-                 max_queued_firings=meta.max_queue, session_timeout=meta.session_ms,
-                 seq_max_events=meta.seq_cap)
+    try:
+        eng = Engine(clock=clock, max_future=meta.max_future_ms, seed=meta.seed,
+                     dedup_horizon=meta.dedup_ms, event_types=meta.event_types,
+                     max_queued_firings=meta.max_queue, session_timeout=meta.session_ms,
+                     seq_max_events=meta.seq_cap, predictive=meta.predictive)
+        if meta.pred_model is not None and eng._pred is not None:
+            from .predict import PredictiveModel
+            eng._pred_model = PredictiveModel.coerce(meta.pred_model, eng._pred)
+    except SnapshotError:
+        raise
+    except SegcoreError as e:
+        raise _fail(f"bad engine options ({e})") from None
     for name in meta.event_names:
         if not name or eng._event_code(name) != len(eng._event_names) - 1:
             raise _fail("duplicate or empty event type")
@@ -364,7 +378,7 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     plan = eng._compile({**asts, **hidden}, [it.item() for it in items])
     if len(eng._event_names) != len(meta.event_names):
         raise _fail("the rules name event types the snapshot does not list")
-    kernel = Kernel(plan.arrays)
+    kernel = eng._new_kernel(plan)
     st = {k[2:]: v for k, v in arrays.items() if k.startswith("k:")}
     st.update(n_users=meta.n_users, now=meta.now)
     kernel.import_state(st)
