@@ -337,9 +337,12 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
         raise
     except SegcoreError as e:
         raise _fail(f"bad engine options ({e})") from None
-    for name in meta.event_names:
-        if not name or eng._event_code(name) != len(eng._event_names) - 1:
+    # (a predictive engine has interned its purchase and convert event types already)
+    for i, name in enumerate(meta.event_names):
+        if not isinstance(name, str) or not name or eng._event_code(name) != i:
             raise _fail("duplicate or empty event type")
+    if len(eng._event_names) != len(meta.event_names):
+        raise _fail("the event types do not match the engine options")
     names = [n for n, _ in meta.segments]
     asts = {}
     for name, text in meta.segments:

@@ -170,9 +170,14 @@ class Workload:
         Trait columns aligned with ``trait_user``: ``country`` (``<U2`` ISO codes).
     n_users, start_ms, end_ms : int
         Number of users and the period ``[start_ms, end_ms)`` of the whole workload.
+    active_until : numpy.ndarray of int64
+        Per user id ``0 .. n_users-1``: the instant after which the generator gives the user no
+        more sessions (its lifetime; ``end_ms`` when still alive at the end). Every event of
+        the user is before it, except that a purchase closing a cart may follow the cart by a
+        few minutes. The ground truth of churn for validating predictive scores.
 
     A slice (``w[i:j]``, :meth:`batches`) is a ``Workload`` of those rows whose columns are
-    views; it keeps the whole workload's traits, ``n_users`` and period.
+    views; it keeps the whole workload's traits, ``active_until``, ``n_users`` and period.
 
     Examples
     --------
@@ -191,6 +196,8 @@ class Workload:
     >>> b = w[100:200]
     >>> len(b), b.n_users, (b.ts == w.ts[100:200]).all()
     (100, 50, np.True_)
+    >>> w.active_until.shape, b.active_until is w.active_until    # per user, kept by slices
+    ((50,), True)
     """
 
     user: np.ndarray
@@ -205,6 +212,7 @@ class Workload:
     n_users: int
     start_ms: int
     end_ms: int
+    active_until: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -376,6 +384,7 @@ def generate(n_users: int = 2_000, n_events: int = 30_000, days: float = 120, se
     sess_start = lo + (rng.random(len(sess_user)) * (last[sess_user] - HOUR_MS - lo)
                        ).astype(np.int64)
     sess_start[sess_off[active]] = first[active]
+    active_until = last          # kept for the Workload (never modified in place)
     del sess_user, lo, first, last, active
     ns = n_sess[user]
     sess = (rng.random(n, dtype=f32) * ns).astype(np.int64)
@@ -520,6 +529,7 @@ def generate(n_users: int = 2_000, n_events: int = 30_000, days: float = 120, se
         n_users=n_u,
         start_ms=start_ms,
         end_ms=end_ms,
+        active_until=active_until,
     )
 
 
