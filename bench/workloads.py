@@ -11,10 +11,11 @@ from segcore.synth import DEFAULT_SEGMENTS
 REF_EVENTS = 3_000
 
 
-def new_engine(w, engine_cls=segcore.Engine, only_active=False):
-    """An engine with the default segments and the workload's traits (for every user, or with
-    ``only_active`` just for the users who appear in ``w``)."""
-    eng = engine_cls()
+def new_engine(w, engine_cls=segcore.Engine, only_active=False, **options):
+    """An engine (``options`` for its constructor) with the default segments and the
+    workload's traits (for every user, or with ``only_active`` just for the users who appear
+    in ``w``)."""
+    eng = engine_cls(**options)
     eng.add_segments(DEFAULT_SEGMENTS)
     users, traits = w.trait_user, w.traits
     if only_active:

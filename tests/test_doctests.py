@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["segcore", "segcore.engine", "segcore.rules", "segcore.build", "segcore.hashing",
            "segcore.synth", "segcore.triggers", "segcore.snapshot", "segcore.wal",
-           "segcore.cli", "segcore.sharded", "segcore.localtime"]
+           "segcore.cli", "segcore.sharded", "segcore.localtime", "segcore.predict"]
 
 
 @pytest.mark.parametrize("name", MODULES)
