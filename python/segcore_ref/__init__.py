@@ -62,7 +62,7 @@ from segcore.errors import EventError, RuleError, SegcoreError
 from segcore.hashing import bucket_of
 
 from segcore import predict as _pred_fit
-from segcore.engine import _predict_spec
+from segcore.engine import _predict_spec, _require_predictive
 
 from . import _predict, _query
 from ._eval import MISSING, Event, Evaluator, has_now, is_num, local_time, walk, zone
@@ -1351,11 +1351,7 @@ class RefEngine:
 
     # ================================================================== predictive
     def _require_predictive(self, what):
-        if self._pred is None:
-            raise SegcoreError(f"{what} needs the predictive statistics: create the engine "
-                               "with Engine(predictive=True) (they are kept from its first "
-                               "event on; docs/predictive.md)")
-        return self._pred
+        return _require_predictive(self._pred, what)
 
     @property
     def predictive_model(self):
@@ -1370,28 +1366,18 @@ class RefEngine:
         anchor = now // DAY - 8
         lo, hi = (anchor + 1) * DAY, (anchor + 8) * DAY
         for user in self._users.values():
-            buys = user.by_type.get(spec.purchase, [])
-            if buys:
-                first = min(buys, key=lambda e: e.order())
-                last = max(e.ts for e in buys)
-                x.append(len(buys) - 1)
-                t_x.append((last - first.ts) / DAY)
-                T.append((max(now, last) - first.ts) / DAY)
-                amts = [e.props[spec.amount] for e in buys if is_num(e.props.get(spec.amount))]
-                total = 0.0
-                for v in amts:
-                    total += float(v)
-                fa = first.props.get(spec.amount)
-                k = len(amts) - (1 if is_num(fa) else 0)
-                if k >= 1:
-                    mean = (total - (float(fa) if is_num(fa) else 0.0)) / k
-                    if mean > 0:
-                        xm.append(k)
-                        m.append(mean)
+            b = _predict.purchases(spec, user, now)
+            if b is not None:
+                x.append(b.x)
+                t_x.append(b.t_x)
+                T.append(b.T)
+                if b.xm >= 1 and b.repeat_spend / b.xm > 0:
+                    xm.append(b.xm)
+                    m.append(b.repeat_spend / b.xm)
             feats, ok = _predict.convert_features(spec, user, anchor)
-            if ok and (not buys or min(e.ts for e in buys) >= lo):
+            if ok and (b is None or b.first >= lo):
                 X.append(feats)
-                y.append(1.0 if buys and min(e.ts for e in buys) < hi else 0.0)
+                y.append(1.0 if b is not None and b.first < hi else 0.0)
         k = len(spec.convert_events) + 2
         return {"x": np.array(x, dtype=np.float64), "t_x": np.array(t_x), "T": np.array(T),
                 "x_m": np.array(xm, dtype=np.float64), "m": np.array(m),

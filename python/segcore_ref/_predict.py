@@ -63,6 +63,33 @@ def _buys(spec, user):
     return user.by_type.get(spec.purchase, [])
 
 
+class Purchases:
+    """What the BG/NBD and Gamma-Gamma models read of a buyer at ``now``: ``x``, ``t_x``,
+    ``T`` (days), the first purchase's ts, and the repeat purchases with an amount (``xm``) and
+    the sum of their amounts (``repeat_spend``: all amounts, summed in arrival order like the
+    kernel, minus the first purchase's)."""
+
+    def __init__(self, spec, buys, now):
+        first = min(buys, key=lambda e: e.order())
+        last = max(e.ts for e in buys)
+        self.first = first.ts
+        self.x = len(buys) - 1
+        self.t_x = (last - first.ts) / DAY
+        self.T = (max(now, last) - first.ts) / DAY
+        amounts = [e.props[spec.amount] for e in buys if is_num(e.props.get(spec.amount))]
+        total = 0.0
+        for v in amounts:
+            total += float(v)
+        fa = first.props.get(spec.amount)
+        self.xm = len(amounts) - (1 if is_num(fa) else 0)
+        self.repeat_spend = total - (float(fa) if is_num(fa) else 0.0)
+
+
+def purchases(spec, user, now) -> Purchases | None:
+    buys = _buys(spec, user)
+    return Purchases(spec, buys, now) if buys else None
+
+
 def _expected(b, t, x, tx, T):
     """BG/NBD conditional expectation, eq. 10 of Fader, Hardie & Lee (2005), with the
     2F1 term rewritten by Pfaff's transformations (see segcore.predict)."""
@@ -97,15 +124,11 @@ def value(spec, model, user, name: str, now: int):
     h = spec.horizon_text
     if name == "convert":
         return _convert(spec, model, user, now)
-    buys = _buys(spec, user)
+    p = purchases(spec, user, now)
     b = model.bgnbd
-    if not buys or b is None:
+    if p is None or b is None:
         return MISSING
-    first = min(buys, key=lambda e: e.order())
-    last = max(e.ts for e in buys)
-    x = len(buys) - 1
-    tx = (last - first.ts) / DAY
-    T = (max(now, last) - first.ts) / DAY
+    x, tx, T = p.x, p.t_x, p.T
     if name in ("p_alive", "churn"):
         if x == 0:
             pa = 1.0
@@ -119,16 +142,8 @@ def value(spec, model, user, name: str, now: int):
     g = model.gamma_gamma
     if g is None:
         return MISSING
-    amounts = [e.props[spec.amount] for e in buys if is_num(e.props.get(spec.amount))]
-    total = 0.0
-    for v in amounts:           # arrival order, like the kernel's running sum
-        total += float(v)
-    fa = first.props.get(spec.amount)
-    has_first = is_num(fa)
-    xm = len(amounts) - (1 if has_first else 0)
-    if xm >= 1:
-        return E * (g.p * (g.v + (total - (float(fa) if has_first else 0.0)))
-                    / (g.p * xm + g.q - 1.0))
+    if p.xm >= 1:
+        return E * (g.p * (g.v + p.repeat_spend) / (g.p * p.xm + g.q - 1.0))
     return E * (g.p * g.v / (g.q - 1.0))
 
 

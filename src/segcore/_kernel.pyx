@@ -2022,18 +2022,7 @@ cdef class Kernel:
     def pred_scores(self, int64_t t):
         """The models' scores (p_alive, churn, expected, ltv, convert) of every user at t,
         NaN where missing; callers' set_scores values are not applied."""
-        cdef int64_t n = self.n_users, u
-        cdef int sid
-        cdef double v
-        out = np.full((n, 5), np.nan, dtype=np.float64)
-        cdef double[:, ::1] mo = out
-        if self.pred_f < 0:
-            return out
-        for u in range(n):
-            for sid in range(5):
-                if self._pred_value(<uint32_t>u, sid, t, &v):
-                    mo[u, sid] = v
-        return out
+        return self.pred_scores_of(np.arange(self.n_users, dtype=np.uint32), t)
 
     def copy_features_from(self, Kernel src not None, const int32_t[::1] dst_f not None,
                            const int32_t[::1] src_f not None):

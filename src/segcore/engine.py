@@ -1073,11 +1073,7 @@ class Engine:
 
     # ------------------------------------------------------------------ predictive scores
     def _require_predictive(self, what: str) -> PredictSpec:
-        if self._pred is None:
-            raise SegcoreError(f"{what} needs the predictive statistics: create the engine "
-                               "with Engine(predictive=True) (they are kept from its first "
-                               "event on; docs/predictive.md)")
-        return self._pred
+        return _require_predictive(self._pred, what)
 
     @property
     def predictive_model(self) -> "_predict.PredictiveModel":
@@ -2282,6 +2278,16 @@ _LOGGED = {"add_segments", "replace_segment", "alias", "remove_segment", "set_tr
            "set_traits_many", "set_scores", "set_predictive_model",
            "advance", "track", "track_many", "track_json", "cap", "journey",
            "_shard_call"}
+
+
+def _require_predictive(spec: PredictSpec | None, what: str) -> PredictSpec:
+    """``spec``, or the error of calling ``what`` on an engine without predictive statistics
+    (shared with the reference engine)."""
+    if spec is None:
+        raise SegcoreError(f"{what} needs the predictive statistics: create the engine with "
+                           "Engine(predictive=True) (they are kept from its first event on; "
+                           "docs/predictive.md)")
+    return spec
 
 
 def _predict_spec(v) -> PredictSpec | None:

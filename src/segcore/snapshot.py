@@ -319,7 +319,7 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     from pyroaring import BitMap
 
     from . import rules as R
-    from ._kernel import IdMap, Kernel
+    from ._kernel import IdMap
     from .compile import compile_segments
     from .engine import Engine, _TraitStore
     from .triggers import Firing, JourneySpec, StepSpec, TriggerSpec
