@@ -94,6 +94,69 @@ def test_kernel_rejects_a_corrupt_plan():
             Kernel(arrays)
 
 
+def test_kernel_rejects_an_age_test_on_a_feature_without_a_time():
+    codes = {}
+    plan = compile_segments({"a": "last_seen < now - 1d", "b": "count(x) >= 2"},
+                            lambda n: codes.setdefault(n, len(codes)))
+    arrays = dict(plan.arrays)
+    count_f = arrays["f_kind"].index(2)                 # K_COUNT: no timestamp to read
+    arrays["t_a"] = [count_f if k == 1 else a for k, a in zip(arrays["t_kind"], arrays["t_a"])]
+    with pytest.raises(ValueError, match="plan: age test term is not a first/last time"):
+        Kernel(arrays)
+
+
+def _counting_kernel(rules):
+    codes = {}
+    plan = compile_segments(rules, lambda n: codes.setdefault(n, len(codes)))
+    k = Kernel(plan.arrays)
+    k.add_users(1, np.zeros(1, dtype=np.int32))
+    return k, plan, codes
+
+
+def _one(k, plan, code, ts):
+    k.track(np.zeros(1, np.uint32), np.array([code], np.int32), np.array([ts], np.int64),
+            np.zeros(len(plan.filters), np.uint8), np.full(len(plan.val_props), np.nan),
+            np.full(len(plan.key_props), -1, np.int64))
+
+
+def test_a_timer_re_evaluates_only_the_segments_whose_inputs_change_then():
+    rules = {"a": "did(x, 1h)", "b": "count(y, 1d) >= 1", "c": "in(a) and count(z) >= 0",
+             "d": "count(z) >= 1", "e": "last_seen < now - 2h"}
+    k, plan, codes = _counting_kernel(rules)
+    for name in ("x", "y"):
+        _one(k, plan, codes[name], 0)
+    assert [k.member_row(0)[i] for i in range(5)] == [1, 1, 1, 0, 0]
+    before = k.stats()["segment_evaluations"]
+    k.advance(3_600_000)                    # x leaves its 1h window: a, and c through in(a)
+    assert k.stats()["segment_evaluations"] - before == 2
+    assert k.stats()["timers_fired"] == 1
+    assert list(k.member_row(0)) == [0, 1, 0, 0, 0]
+    before = k.stats()["segment_evaluations"]
+    k.advance(7_200_001)                    # the age test flips: e alone
+    assert k.stats()["segment_evaluations"] - before == 1
+    assert list(k.member_row(0)) == [0, 1, 0, 0, 1]
+    before = k.stats()["segment_evaluations"]
+    k.advance(86_400_000)                   # y leaves its day: b alone
+    assert k.stats()["segment_evaluations"] - before == 1
+    assert list(k.member_row(0)) == [0, 0, 0, 0, 1]
+    assert k.stats()["timers"] == 0
+
+
+def test_an_event_re_evaluates_only_the_segments_reading_what_it_updates():
+    k, plan, codes = _counting_kernel({"a": "did(x, 1h)", "b": "count(y, 1d) >= 1",
+                                       "c": "count(z) >= 1"})
+    for name in ("x", "y", "z"):
+        _one(k, plan, codes[name], 0)       # the first evaluation covers every segment
+    before = k.stats()["segment_evaluations"]
+    _one(k, plan, codes["z"], 10)
+    assert k.stats()["segment_evaluations"] - before == 1
+    # a z event leaves the wake-up of x's window alone: it still fires at 1h
+    k.advance(3_599_999)
+    assert list(k.member_row(0)) == [1, 1, 1]
+    k.advance(3_600_000)
+    assert list(k.member_row(0)) == [0, 1, 1]
+
+
 def test_segment_needing_history_that_is_not_kept_is_refused():
     eng = segcore.Engine()
     eng.add_segment("fb", "count(purchase, 90d) >= 3")

@@ -266,6 +266,35 @@ def test_time_driven_transitions_order_by_time_then_user(make_engine):
                                       T(3, "recent", False, 15)]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_timers_from_a_millisecond_to_years_ahead_fire_exactly_and_in_order(make_engine, seed):
+    # windows from 1 ms to ~8 years: timers due in the next ms, in a few hours, and far
+    # beyond any near horizon; time moves in steps from 1 ms to ~30 years
+    day = 86_400_000
+    windows = {"ms": 1, "hour": 3_600_000, "days": 250 * day, "years": 3000 * day}
+    eng = make_engine()
+    for name, w in windows.items():
+        eng.add_segment(name, f"did({name}, {w}ms)")
+    rng = np.random.default_rng(seed)
+    t, order, due, exits, got = 1_700_000_000_000, [], {}, [], []
+    for _ in range(60):
+        user = int(rng.integers(1, 15))
+        name = str(rng.choice(list(windows)))
+        if user not in order:
+            order.append(user)
+        if (user, name) in due and due[(user, name)] <= t:
+            exits.append((due[(user, name)], order.index(user), name))   # left before
+        due[(user, name)] = t + windows[name]        # (re)enters, or stays in longer
+        got += [x for x in eng.track(user, name, ts=t) if not x.entered]
+        t += int(rng.choice([0, 1, 7, 3_600_000, 40 * day, 400 * day]))
+        if rng.random() < 0.3:
+            got += [x for x in eng.advance(t) if not x.entered]
+    got += [x for x in eng.advance(t + 30 * 365 * day) if not x.entered]
+    exits += [(d, order.index(user), name) for (user, name), d in due.items()]
+    assert [(x.ts, order.index(x.user), x.segment) for x in got] == sorted(exits)
+    assert all(list(eng.members(name)) == [] for name in windows)
+
+
 def test_batch_user_enters_and_leaves_within_one_batch(make_engine):
     eng = make_engine()
     eng.add_segment("recent", "did(x, 10ms)")

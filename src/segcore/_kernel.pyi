@@ -25,6 +25,8 @@ class Kernel:
     n_users: int
     cap: int
     now: int
+    n_fired: int
+    n_evals: int
     pending_firings: int
     seq_cap: int
     seq_evicted: int

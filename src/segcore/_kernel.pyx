@@ -104,6 +104,9 @@ cdef enum:
     N_PP = 32           # r, alpha, a, b | p, q, v | horizon (days) | logistic coefficients
     PP_COEF = 8
     MAX_SERIES = 100000
+    # the timer wheel: buckets of 2**WHEEL_BITS ms (~70 min), WHEEL_N of them (~199 days)
+    WHEEL_BITS = 22
+    WHEEL_N = 4096
 
 
 cdef int64_t DAY_MS = 86400000
@@ -234,6 +237,14 @@ cdef class Kernel:
     cdef int64_t sc_t, sc_nxt
     cdef int32_t[::1] lst_start, lst_feat, any_feat
     cdef int32_t[::1] time_feats
+    # per event code (row n_codes: codes no rule names), the time-dependent features it updates
+    # and the age atoms reading them: the only wake-up candidates an event can move
+    cdef int32_t[::1] wf_start, wf_list, wa_start, wa_list
+    # per time feature and per age atom (by position), the segments a change of it can flip
+    # (with the segments referring to those); pred_segs: those reading a predictive score
+    cdef int32_t[::1] tf_start, tf_segs, ta_start, ta_segs, pred_segs
+    cdef vector[uint8_t] tmark
+    cdef vector[int32_t] tsegs
     cdef int32_t[::1] a_kind, a_op, a_f, a_t0, a_t1, a_t2, a_t3, a_s
     cdef double[::1] a_k
     cdef int64_t[::1] a_c
@@ -253,6 +264,7 @@ cdef class Kernel:
     cdef double[::1] frow_init
     # ---- state
     cdef readonly int64_t n_users, cap, now
+    cdef readonly int64_t n_fired, n_evals      # timers fired, segment evaluations
     cdef object _istate, _fstate, _members, _tbits, _scores, _bucket, _wake
     cdef int64_t* istate
     cdef double* fstate
@@ -271,7 +283,15 @@ cdef class Kernel:
     cdef vector[int64_t] fi_t
     cdef vector[uint8_t] fi_flag
     cdef vector[vector[Entry]] pools
+    # Timers: ``heap`` (binary, earliest first) holds every entry due before ``horizon``;
+    # later ones wait unsorted in the wheel bucket of their 70-minute slot, or, past the
+    # wheel's reach, in the ``over`` heap. Moving the horizon over a bucket heaps its
+    # entries, so pushes are O(1) and pops sift a heap of about one bucket.
     cdef vector[HeapItem] heap
+    cdef vector[vector[HeapItem]] wheel
+    cdef vector[HeapItem] over
+    cdef int64_t horizon
+    cdef size_t n_wheel
     cdef vector[uint32_t] tr_u
     cdef vector[int32_t] tr_s
     cdef vector[uint8_t] tr_e
@@ -360,6 +380,8 @@ cdef class Kernel:
         self.irow_init = _i64(plan["irow_init"])
         self.frow_init = _f64(plan["frow_init"])
         self._check_plan()
+        self._wake_index()
+        self.wheel.resize(WHEEL_N)
         self.n_users = 0
         self.cap = 0
         self.now = 0
@@ -468,6 +490,11 @@ cdef class Kernel:
                 if not (0 <= self.a_t0[a] <= self.a_t1[a] <= nt and
                         0 <= self.a_t2[a] <= self.a_t3[a] <= nt):
                     raise ValueError("plan: atom term range out of range")
+                if k == A_TIME:
+                    for i in range(self.a_t0[a], self.a_t1[a]):
+                        if self.t_kind[i] != T_FEAT or \
+                                self.f_kind[self.t_a[i]] not in (K_FIRST, K_LAST):
+                            raise ValueError("plan: age test term is not a first/last time")
                 if k == A_NUM and (self.a_t1[a] - self.a_t0[a] > STACK or
                                    self.a_t3[a] - self.a_t2[a] > STACK):
                     raise ValueError("plan: value expression too long")
@@ -535,6 +562,78 @@ cdef class Kernel:
         for i in range(self.time_segs.shape[0]):
             if not 0 <= self.time_segs[i] < self.n_seg:
                 raise ValueError("plan: time segment out of range")
+
+    cdef void _wake_index(self) except *:
+        """Derive, per event code, the time features it updates and the age atoms that read
+        one of the features it updates (from the validated listener and term arrays)."""
+        cdef int c, i, a
+        anyf = set(self.any_feat[i] for i in range(self.any_feat.shape[0]))
+        wf_start, wf_list, wa_start, wa_list = [0], [], [0], []
+        for c in range(self.n_codes + 1):
+            listen = set(anyf)
+            if c < self.n_codes:
+                listen.update(self.lst_feat[i] for i in range(self.lst_start[c],
+                                                              self.lst_start[c + 1]))
+            wf_list += [self.time_feats[i] for i in range(self.time_feats.shape[0])
+                        if self.time_feats[i] in listen]
+            wf_start.append(len(wf_list))
+            for i in range(self.time_atoms.shape[0]):
+                a = self.time_atoms[i]
+                if any(self.t_a[j] in listen for j in range(self.a_t0[a], self.a_t1[a])):
+                    wa_list.append(a)
+            wa_start.append(len(wa_list))
+        self.wf_start, self.wf_list = _i32(wf_start), _i32(wf_list)
+        self.wa_start, self.wa_list = _i32(wa_start), _i32(wa_list)
+        # which segments read each feature / atom directly, and which they refer to
+        feats, atoms, refs = [], [], []
+        for s in range(self.n_seg):
+            fs, at, rs = set(), set(), set()
+            for i in range(self.p_start[s], self.p_start[s + 1]):
+                if self.p_op[i] != P_ATOM:
+                    continue
+                a = self.p_arg[i]
+                k = self.a_kind[a]
+                at.add(a)
+                if k in (A_COUNTK, A_ABANDON, A_MODE, A_SEQ):
+                    fs.add(self.a_f[a])
+                elif k == A_IN:
+                    rs.add(self.a_f[a])
+                elif k == A_NUM:
+                    for j in list(range(self.a_t0[a], self.a_t1[a])) + \
+                            list(range(self.a_t2[a], self.a_t3[a])):
+                        if self.t_kind[j] == T_FEAT:
+                            fs.add(self.t_a[j])
+            feats.append(fs)
+            atoms.append(at)
+            refs.append(rs)
+        timed = set(self.time_segs[i] for i in range(self.time_segs.shape[0]))
+
+        def closure(direct):
+            out = set(direct)
+            for s in range(self.n_seg):     # references come first (checked)
+                if refs[s] & out:
+                    out.add(s)
+            return sorted(out & timed) if out <= timed else None
+
+        def csr(groups):
+            start, lst = [0], []
+            for g in groups:
+                lst += g
+                start.append(len(lst))
+            return _i32(start), _i32(lst)
+
+        tf = [closure({s for s in range(self.n_seg) if self.time_feats[i] in feats[s]})
+              for i in range(self.time_feats.shape[0])]
+        ta = [closure({s for s in range(self.n_seg) if self.time_atoms[i] in atoms[s]})
+              for i in range(self.time_atoms.shape[0])]
+        ps = closure({s for s in range(self.n_seg)
+                      if any(self.pred_atoms[i] in atoms[s] for i in range(self.n_patom))})
+        if any(g is None for g in tf + ta + [ps]):
+            raise ValueError("plan: a time-dependent segment missing from time_segs")
+        self.tf_start, self.tf_segs = csr(tf)
+        self.ta_start, self.ta_segs = csr(ta)
+        self.pred_segs = _i32(ps)
+        self.tmark.assign(max(self.n_seg, 1), 0)
 
     def _arr_it_seg(self): return self.it_seg
     def _arr_it_enter(self): return self.it_enter
@@ -1621,18 +1720,97 @@ cdef class Kernel:
         return False
 
     # ------------------------------------------------------------------ evaluation
-    cdef void _eval(self, uint32_t u, int64_t t, const int32_t* segs, int nsegs) noexcept nogil:
+    cdef void _eval(self, uint32_t u, int64_t t, const int32_t* segs, int nsegs,
+                    int code=-1) noexcept nogil:
         """Re-evaluate segments ``segs`` (in evaluation order) of user u at time t, buffer the
-        flips, and reschedule u's timer."""
-        cdef uint8_t st[STACK]
-        cdef int sp, s, i, j, op
-        cdef uint8_t* mem = self.members + <int64_t>u * max(self.n_seg, 1)
-        cdef uint8_t r
+        flips, and reschedule u's timer.
+
+        ``code`` >= 0 is the (clamped) code of the event just applied: only the wake-up
+        candidates that event can have moved are recomputed, because ``wake[u]`` already
+        bounds the others (they are unchanged since u's last evaluation, and no timer was due
+        in between). ``code`` -1 recomputes them all (fresh users, re-evaluations)."""
+        cdef int i
         cdef int64_t w, nxt
+        cdef const int32_t* wf
+        cdef const int32_t* wa
+        cdef int nwf, nwa
         if self.fresh[u]:
             self.fresh[u] = 0
             segs = &self.all_segs[0]
             nsegs = self.n_seg
+            code = -1
+        self._eval_segs(u, t, segs, nsegs)
+        if code < 0:
+            wf, nwf = &self.time_feats[0] if self.time_feats.shape[0] else NULL, \
+                self.time_feats.shape[0]
+            wa, nwa = &self.time_atoms[0] if self.time_atoms.shape[0] else NULL, \
+                self.time_atoms.shape[0]
+        else:
+            wf = &self.wf_list[0] + self.wf_start[code] if self.wf_list.shape[0] else NULL
+            nwf = self.wf_start[code + 1] - self.wf_start[code]
+            wa = &self.wa_list[0] + self.wa_start[code] if self.wa_list.shape[0] else NULL
+            nwa = self.wa_start[code + 1] - self.wa_start[code]
+        w = INT64_MAX
+        for i in range(nwf):
+            nxt = self._next_change(u, wf[i], t)
+            if nxt < w:
+                w = nxt
+        for i in range(nwa):
+            nxt = self._time_next_flip(u, wa[i], t)
+            if nxt < w:
+                w = nxt
+        self._schedule(u, t, w)
+
+    cdef void _eval_timer(self, uint32_t u, int64_t t) noexcept nogil:
+        """u's timer fired at t: re-evaluate only the segments reading a time-dependent
+        input that changes at t (and those referring to them with ``in()``).
+
+        No event reached u since its last evaluation and nothing was due before t (the
+        timer was the earliest of its wake-up candidates), so the inputs that change at t are
+        exactly those whose next change after t - 1 is t; the next change of the others,
+        computed from t - 1, is also their next change after t."""
+        cdef int i, j, s, n = 0
+        cdef int64_t w = INT64_MAX, nxt
+        cdef uint8_t* mark = self.tmark.data()
+        if self.fresh[u]:
+            self._eval(u, t, &self.time_segs[0] if self.time_segs.shape[0] else NULL,
+                       self.time_segs.shape[0])
+            return
+        for i in range(self.time_feats.shape[0]):
+            nxt = self._next_change(u, self.time_feats[i], t - 1)
+            if nxt <= t:
+                for j in range(self.tf_start[i], self.tf_start[i + 1]):
+                    mark[self.tf_segs[j]] = 1
+                nxt = self._next_change(u, self.time_feats[i], t)
+            if nxt < w:
+                w = nxt
+        for i in range(self.time_atoms.shape[0]):
+            nxt = self._time_next_flip(u, self.time_atoms[i], t - 1)
+            if nxt <= t:
+                for j in range(self.ta_start[i], self.ta_start[i + 1]):
+                    mark[self.ta_segs[j]] = 1
+                nxt = self._time_next_flip(u, self.time_atoms[i], t)
+            if nxt < w:
+                w = nxt
+        for j in range(self.pred_segs.shape[0]):
+            mark[self.pred_segs[j]] = 1
+        self.tsegs.clear()
+        for i in range(self.time_segs.shape[0]):
+            s = self.time_segs[i]
+            if mark[s]:
+                mark[s] = 0
+                self.tsegs.push_back(s)
+        self._eval_segs(u, t, self.tsegs.data(), self.tsegs.size())
+        self._schedule(u, t, w)
+
+    cdef void _eval_segs(self, uint32_t u, int64_t t, const int32_t* segs,
+                         int nsegs) noexcept nogil:
+        """Evaluate segments ``segs`` of u at t, buffer the flips, update the timed items."""
+        cdef uint8_t st[STACK]
+        cdef int sp, s, i, j, op
+        cdef uint8_t* mem = self.members + <int64_t>u * max(self.n_seg, 1)
+        cdef uint8_t r
+        self.n_evals += nsegs
         for j in range(nsegs):
             s = segs[j]
             sp = 0
@@ -1661,16 +1839,12 @@ cdef class Kernel:
                     self.flipped.push_back(s)
         if self.n_items:
             self._items(u, t)
-        # next wake-up
-        w = INT64_MAX
-        for i in range(self.time_feats.shape[0]):
-            nxt = self._next_change(u, self.time_feats[i], t)
-            if nxt < w:
-                w = nxt
-        for i in range(self.time_atoms.shape[0]):
-            nxt = self._time_next_flip(u, self.time_atoms[i], t)
-            if nxt < w:
-                w = nxt
+
+    cdef void _schedule(self, uint32_t u, int64_t t, int64_t w) noexcept nogil:
+        """Fold the predictive crossings and the timed items' deadlines into u's wake-up
+        ``w`` (the time features' and age tests' part) and push it if it moved earlier."""
+        cdef int i
+        cdef int64_t nxt
         for i in range(self.n_patom):
             nxt = self._pred_next(u, self.pred_atoms[i], t)
             if nxt < w:
@@ -1683,9 +1857,9 @@ cdef class Kernel:
         # (finding nothing) and reschedules, which costs less than a heap push per event.
         if w < self.wake[u]:
             self.wake[u] = w
-            self.heap.push_back(HeapItem(-w, -<int64_t>u))
-            push_heap(self.heap.begin(), self.heap.end())
-            if self.heap.size() > 2 * <size_t>self.n_users + 1024:
+            self._timer_push(w, u)
+            if self.heap.size() + self.n_wheel + self.over.size() > \
+                    2 * <size_t>self.n_users + 1024:
                 self._rebuild_heap()
 
     cdef void _items(self, uint32_t u, int64_t t) noexcept nogil:
@@ -1784,31 +1958,89 @@ cdef class Kernel:
         cdef int64_t b = <int64_t>u * self.n_items
         return (self._dead[b: b + self.n_items].copy(), self._jpos[b: b + self.n_items].copy())
 
+    cdef inline void _timer_push(self, int64_t t, int64_t u) noexcept nogil:
+        cdef int64_t b
+        if t < self.horizon:
+            self.heap.push_back(HeapItem(-t, -u))
+            push_heap(self.heap.begin(), self.heap.end())
+            return
+        b = t >> WHEEL_BITS
+        if b - (self.horizon >> WHEEL_BITS) < WHEEL_N:
+            self.wheel[b & (WHEEL_N - 1)].push_back(HeapItem(-t, -u))
+            self.n_wheel += 1
+        else:
+            self.over.push_back(HeapItem(-t, -u))
+            push_heap(self.over.begin(), self.over.end())
+
+    cdef void _timers_from_over(self) noexcept nogil:
+        """Move the overflow entries now within the wheel's reach into the wheel."""
+        cdef int64_t t
+        while self.over.size():
+            t = -self.over.front().first
+            if (t >> WHEEL_BITS) - (self.horizon >> WHEEL_BITS) >= WHEEL_N:
+                break
+            self._timer_push(t, -self.over.front().second)
+            pop_heap(self.over.begin(), self.over.end())
+            self.over.pop_back()
+
+    cdef bint _timers_upto(self, int64_t t) noexcept nogil:
+        """Move the horizon one step towards ``t`` (bringing the next bucket's entries into
+        the heap); False once every entry due at or before ``t`` is in the heap."""
+        cdef vector[HeapItem]* bk
+        cdef size_t i
+        if t < self.horizon:
+            return False
+        if self.n_wheel == 0:
+            if self.over.empty() or -self.over.front().first > t:
+                # nothing is due up to t: jump past it
+                self.horizon = ((t >> WHEEL_BITS) + 1) << WHEEL_BITS
+                self._timers_from_over()
+                return False
+            self.horizon = (-self.over.front().first >> WHEEL_BITS) << WHEEL_BITS
+            self._timers_from_over()
+        bk = &self.wheel[(self.horizon >> WHEEL_BITS) & (WHEEL_N - 1)]
+        for i in range(bk.size()):
+            self.heap.push_back(bk[0][i])
+            push_heap(self.heap.begin(), self.heap.end())
+        self.n_wheel -= bk.size()
+        vector[HeapItem]().swap(bk[0])      # give the bucket's memory back
+        self.horizon += (<int64_t>1) << WHEEL_BITS
+        if self.over.size():
+            self._timers_from_over()
+        return True
+
     cdef void _rebuild_heap(self) noexcept nogil:
         cdef int64_t u
+        cdef size_t i
         self.heap.clear()
+        self.over.clear()
+        for i in range(self.wheel.size()):
+            vector[HeapItem]().swap(self.wheel[i])
+        self.n_wheel = 0
         for u in range(self.n_users):
             if self.wake[u] != INT64_MAX:
-                self.heap.push_back(HeapItem(-self.wake[u], -u))
-        make_heap(self.heap.begin(), self.heap.end())
+                self._timer_push(self.wake[u], u)
 
     cdef void _advance(self, int64_t t) noexcept nogil:
         cdef int64_t tt
         cdef uint32_t u
-        while self.heap.size():
-            tt = -self.heap.front().first
-            if tt > t:
+        while True:
+            while self.heap.size():
+                tt = -self.heap.front().first
+                if tt > t:
+                    break
+                u = <uint32_t>(-self.heap.front().second)
+                pop_heap(self.heap.begin(), self.heap.end())
+                self.heap.pop_back()
+                if self.wake[u] != tt:
+                    continue
+                self.wake[u] = INT64_MAX
+                self.n_fired += 1
+                if tt > self.now:
+                    self.now = tt
+                self._eval_timer(u, tt)
+            if not self._timers_upto(t):
                 break
-            u = <uint32_t>(-self.heap.front().second)
-            pop_heap(self.heap.begin(), self.heap.end())
-            self.heap.pop_back()
-            if self.wake[u] != tt:
-                continue
-            self.wake[u] = INT64_MAX
-            if tt > self.now:
-                self.now = tt
-            self._eval(u, tt, &self.time_segs[0] if self.time_segs.shape[0] else NULL,
-                       self.time_segs.shape[0])
         if t > self.now:
             self.now = t
 
@@ -1871,7 +2103,7 @@ cdef class Kernel:
                 c = ecode[i] if ecode[i] < self.n_codes else self.n_codes
                 self._eval(uidx[i], self.now, &self.es_list[0] + self.es_start[c]
                            if self.es_list.shape[0] else NULL,
-                           self.es_start[c + 1] - self.es_start[c])
+                           self.es_start[c + 1] - self.es_start[c], c)
         return self.tr_u.size()
 
     def track_one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t[::1] fpass not None,
@@ -1893,7 +2125,7 @@ cdef class Kernel:
             c = e if e < self.n_codes else self.n_codes
             self._eval(u, self.now, &self.es_list[0] + self.es_start[c]
                        if self.es_list.shape[0] else NULL,
-                       self.es_start[c + 1] - self.es_start[c])
+                       self.es_start[c + 1] - self.es_start[c], c)
         return self.tr_u.size()
 
     def advance(self, int64_t t):
@@ -2468,6 +2700,13 @@ cdef class Kernel:
         with nogil:
             self._rebuild_heap()
 
+    cdef size_t _timer_bytes(self):
+        cdef size_t n = (self.heap.capacity() + self.over.capacity()) * sizeof(HeapItem)
+        cdef size_t i
+        for i in range(self.wheel.size()):
+            n += self.wheel[i].capacity() * sizeof(HeapItem) + sizeof(vector[HeapItem])
+        return n
+
     def stats(self):
         cdef size_t pooled = 0
         cdef size_t i
@@ -2480,8 +2719,10 @@ cdef class Kernel:
             "users": self.n_users,
             "capacity": self.cap,
             "timers": int(np.count_nonzero(self._wake[: self.n_users] != INT64_MAX)),
-            "heap_entries": self.heap.size(),
-            "memory_bytes": int(arrays + pooled + self.heap.capacity() * sizeof(HeapItem)),
+            "heap_entries": self.heap.size() + self.n_wheel + self.over.size(),
+            "timers_fired": self.n_fired,
+            "segment_evaluations": self.n_evals,
+            "memory_bytes": int(arrays + pooled + self._timer_bytes()),
         }
 
 
