@@ -54,8 +54,12 @@ USERS = [0, 1, 2, 7, "ann", "bob"]
 HOT_USERS = [0, 0, 0, 0, "ann", "ann", 1] + USERS
 EVENTS = ["buy", "buy", "buy", "view", "view", "view", "cart", "ticket", "other"]
 PROPS = {
-    "buy": {"amount": [0.5, 1, 2.5, 3, 4.25, 9, None], "cid": ["x", "y", None]},
-    "view": {"cat": ["a", "b", "c", "d", None]},
+    # plain values, and the kinds the single-event fast path hands to the general one: bools,
+    # numpy scalars, NaN, a number where a string is tested and the other way round
+    "buy": {"amount": [0.5, 1, 2.5, 3, 4.25, 9, None, True, np.float64(3.5), np.int64(4),
+                       float("nan")],
+            "cid": ["x", "y", None, np.str_("x"), 3]},
+    "view": {"cat": ["a", "b", "c", "d", None, np.str_("b"), 7, 2.5, False]},
     "cart": {"cid": ["x", "y", None]},
 }
 
@@ -241,3 +245,21 @@ def test_bulk_stream_matches_reference(seed):
             _check_same(a, b, a.set_scores(user, sc), b.set_scores(user, sc), "scores")
         i += k
     _check_same(a, b, a.advance(a.now + 1_000), b.advance(b.now + 1_000), "final advance")
+
+
+WHERES = [
+    'a == "s"', 'a != "s"', '"s" == a', "a == 2", "a != 2", "a < 2.5", "a >= 1", "2 < a",
+    'a == "s" and b > 2', 'a != "s" or not b exists', 'not (a <= 1 or b == "t")',
+    'a in ["s", 3]', "a between 1 and 2", 'a startswith "s"', 'a matches "^t"', "a == 1s",
+]
+VALUES = st.sampled_from(["s", "t", "", 0, 1, 2, 3, 2.5, -1.0, float("nan"), True, False, None,
+                          np.int64(2), np.float64(2.5), np.str_("s"), np.bool_(True), 1000])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(WHERES), st.fixed_dictionaries({}, optional={"a": VALUES, "b": VALUES}))
+def test_compiled_where_clauses_decide_like_the_tree_walk(text, props):
+    from segcore.engine import compile_cond_scalar, eval_cond_scalar
+    from segcore.rules import parse
+    where = parse(f"count(x where {text}) >= 1").left.where
+    assert compile_cond_scalar(where)(props.get) == eval_cond_scalar(where, props.get)

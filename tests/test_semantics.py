@@ -409,6 +409,33 @@ def test_bad_single_events(make_engine):
     assert eng.stats()["events"] == 0 and eng.stats()["users"] == 0
 
 
+def test_bad_single_events_of_a_known_user_and_type_change_nothing(make_engine):
+    # (the common case the compiled engine takes a short path for)
+    eng = make_engine()
+    eng.add_segment("ltv", "sum(purchase.amount) >= 1")
+    eng.add_segment("shoes", 'count(view where cat == "shoes") >= 1')
+    eng.track(1, "purchase", ts=1, props={"amount": 0.5})
+    eng.track(1, "view", ts=1, props={"cat": "hats"})
+    before = eng.stats()
+    for props, field in [({"amount": "5"}, "props.amount"), ({"amount": [1]}, "props.amount"),
+                         ({"amount": 1, "x": {"a": 1}}, "props.x"),
+                         ({"amount": 1, 7: "k"}, "props")]:
+        with pytest.raises(EventError) as e:
+            eng.track(1, "purchase", ts=2, props=props)
+        assert e.value.field == field, props
+    with pytest.raises(EventError) as e:
+        eng.track(1, "view", ts=2, props=[("cat", "shoes")])
+    assert e.value.field == "props"
+    assert eng.stats() == before and eng.now == 1
+    assert list(eng.members("ltv")) == [] and list(eng.members("shoes")) == []
+    # accepted: numbers of any kind, a numpy string in a where-clause
+    eng.track(1, "purchase", ts=3, props={"amount": np.float32(0.25)})
+    eng.track(1, "purchase", ts=4, props={"amount": True})
+    assert list(eng.members("ltv")) == [1]
+    eng.track(1, "view", ts=5, props={"cat": np.str_("shoes")})
+    assert list(eng.members("shoes")) == [1]
+
+
 def test_bad_json_reports_the_row(make_engine):
     eng = make_engine()
     eng.add_segment("any", "seen")

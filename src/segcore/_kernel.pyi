@@ -53,9 +53,9 @@ class Kernel:
         u: int,
         e: int,
         ts: int,
-        fpass: npt.NDArray[np.uint8],
-        vals: npt.NDArray[np.float64],
-        keys: npt.NDArray[np.int64],
+        fpass: npt.NDArray[np.uint8] | None = ...,
+        vals: npt.NDArray[np.float64] | None = ...,
+        keys: npt.NDArray[np.int64] | None = ...,
     ) -> int: ...
     def member_bits(
         self, uidx: npt.NDArray[np.uint32], seg: npt.NDArray[np.int32]

@@ -244,6 +244,9 @@ cdef class Kernel:
     # (with the segments referring to those); pred_segs: those reading a predictive score
     cdef int32_t[::1] tf_start, tf_segs, ta_start, ta_segs, pred_segs
     cdef vector[uint8_t] tmark
+    cdef vector[uint8_t] no_f       # a row of no property: no filter passed,
+    cdef vector[double] no_v        # no numbers,
+    cdef vector[int64_t] no_k       # no keys
     cdef vector[int32_t] tsegs
     cdef int32_t[::1] a_kind, a_op, a_f, a_t0, a_t1, a_t2, a_t3, a_s
     cdef double[::1] a_k
@@ -382,6 +385,9 @@ cdef class Kernel:
         self._check_plan()
         self._wake_index()
         self.wheel.resize(WHEEL_N)
+        self.no_f.assign(max(self.n_filter, 1), 0)
+        self.no_v.assign(max(self.n_val, 1), NAN)
+        self.no_k.assign(max(self.n_key, 1), -1)
         self.n_users = 0
         self.cap = 0
         self.now = 0
@@ -2106,26 +2112,47 @@ cdef class Kernel:
                            self.es_start[c + 1] - self.es_start[c], c)
         return self.tr_u.size()
 
-    def track_one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t[::1] fpass not None,
-                  const double[::1] vals not None, const int64_t[::1] keys not None):
-        """One event (the single-event fast path): same contract as :meth:`track`."""
+    def track_one(self, uint32_t u, int32_t e, int64_t ts, fpass=None, vals=None, keys=None):
+        """One event (the single-event fast path): same contract as :meth:`track`, with the
+        row's property columns as 1-d buffers; None stands for a row of no filter passed, no
+        numbers and no keys (an event type that reads no property)."""
         cdef int32_t c
+        cdef const uint8_t[::1] mf
+        cdef const double[::1] mv
+        cdef const int64_t[::1] mk
+        cdef const uint8_t* fp = self.no_f.data()
+        cdef const double* vp = self.no_v.data()
+        cdef const int64_t* kp = self.no_k.data()
         if u >= self.n_users:
             raise ValueError(f"track_one: user index {u} out of range")
         if ts < 0 or ts >= (<int64_t>1 << 48) or e < 0:
             raise ValueError("track_one: bad event code or ts")
-        if fpass.shape[0] < self.n_filter or vals.shape[0] < self.n_val or \
-                keys.shape[0] < self.n_key:
-            raise ValueError("track_one: property columns have the wrong size")
-        with nogil:
-            if ts > self.now:
-                self._advance(ts)
-            self._apply(u, e, ts, &fpass[0] if self.n_filter else NULL,
-                        &vals[0] if self.n_val else NULL, &keys[0] if self.n_key else NULL)
-            c = e if e < self.n_codes else self.n_codes
-            self._eval(u, self.now, &self.es_list[0] + self.es_start[c]
-                       if self.es_list.shape[0] else NULL,
-                       self.es_start[c + 1] - self.es_start[c], c)
+        if fpass is not None:
+            mf = fpass
+            if mf.shape[0] < self.n_filter:
+                raise ValueError("track_one: property columns have the wrong size")
+            if self.n_filter:
+                fp = &mf[0]
+        if vals is not None:
+            mv = vals
+            if mv.shape[0] < self.n_val:
+                raise ValueError("track_one: property columns have the wrong size")
+            if self.n_val:
+                vp = &mv[0]
+        if keys is not None:
+            mk = keys
+            if mk.shape[0] < self.n_key:
+                raise ValueError("track_one: property columns have the wrong size")
+            if self.n_key:
+                kp = &mk[0]
+        # (no GIL release: it would cost more than one event's work)
+        if ts > self.now:
+            self._advance(ts)
+        self._apply(u, e, ts, fp, vp, kp)
+        c = e if e < self.n_codes else self.n_codes
+        self._eval(u, self.now, &self.es_list[0] + self.es_start[c]
+                   if self.es_list.shape[0] else NULL,
+                   self.es_start[c + 1] - self.es_start[c], c)
         return self.tr_u.size()
 
     def advance(self, int64_t t):

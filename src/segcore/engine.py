@@ -20,6 +20,7 @@ import array
 import contextlib
 import datetime as _dt
 import functools
+import itertools
 import logging
 import os
 import math
@@ -318,6 +319,56 @@ def eval_cond_scalar(cond, get) -> bool:
     return test_value(cond, get(_leaf_name(cond)[1]))
 
 
+_NUM_OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+            "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
+def compile_cond_scalar(cond) -> Callable[[Callable[[str], Any]], bool]:
+    """``eval_cond_scalar(cond, get)`` as a closure ``f(get)``, built once per rule: no tree
+    walk per event, and the common leaves (a property against a string or number constant)
+    decided without the general test, which still judges every other value."""
+    if isinstance(cond, (R.And, R.Or)):
+        parts = tuple(compile_cond_scalar(c) for c in cond.items)
+        want = isinstance(cond, R.Or)
+
+        def junction(get):
+            for f in parts:
+                if f(get) == want:
+                    return want
+            return not want
+        return junction
+    if isinstance(cond, R.Not):
+        inner = compile_cond_scalar(cond.item)
+        return lambda get: not inner(get)
+    name = _leaf_name(cond)[1]
+    if isinstance(cond, R.Compare) and isinstance(cond.left, (R.Prop, R.Trait, R.Local)):
+        if isinstance(cond.right, R.Str) and cond.op in ("==", "!="):
+            const, eq = cond.right.value, cond.op == "=="
+
+            def str_leaf(get):
+                v = get(name)
+                if v.__class__ is str:
+                    return (v == const) == eq
+                return test_value(cond, v)
+            return str_leaf
+        if isinstance(cond.right, (R.Num, R.Dur)):
+            const, op = _const(cond.right), _NUM_OPS[cond.op]
+
+            def num_leaf(get):
+                v = get(name)
+                if v.__class__ is int or (v.__class__ is float and v == v):
+                    return op(v, const)
+                return test_value(cond, v)
+            return num_leaf
+    return lambda get: test_value(cond, get(name))
+
+
+#: property value types the single-event fast path takes as they are (others, such as numpy
+#: scalars and bools, go through the general path)
+_PLAIN = frozenset({str, int, float, type(None)})
+_EMPTY: dict = {}
+
+
 # ------------------------------------------------------------------ columns
 def _factorize(col: np.ndarray) -> tuple[list, np.ndarray]:
     """(unique values, inverse) for any 1-d column; None/NaN become None."""
@@ -503,7 +554,7 @@ class Engine:
         # events
         self._codes: dict[str, int] = {}
         self._event_names: list[str] = []
-        self._event_counts = np.zeros(16, dtype=np.int64)
+        self._event_counts: list[int] = [0] * 16     # accepted events per event code
         self._values: dict = {}
         self._value_keys: list = []                 # the keys of _values, in code order
         self._seen_ids: dict = {}
@@ -563,6 +614,10 @@ class Engine:
     def _set_plan(self, plan: Plan) -> None:
         self._plan = plan
         self._inputs_cache: dict = {}
+        self._fast: dict = {}
+        nf, nv, nk = len(plan.filters), len(plan.val_props), len(plan.key_props)
+        self._fast_bufs = (bytearray(max(1, nf)), array.array("d", [math.nan] * max(1, nv)),
+                           array.array("q", [-1] * max(1, nk)))
         self._one_bufs = (np.zeros(max(1, len(plan.filters)), np.uint8),
                           np.full(max(1, len(plan.val_props)), np.nan, np.float64),
                           np.full(max(1, len(plan.key_props)), -1, np.int64))
@@ -599,8 +654,7 @@ class Engine:
             c = self._codes[name] = len(self._event_names)
             self._event_names.append(name)
             if c >= len(self._event_counts):
-                self._event_counts = np.concatenate(
-                    [self._event_counts, np.zeros(len(self._event_counts), np.int64)])
+                self._event_counts += [0] * len(self._event_counts)
         return c
 
     def event_code(self, name: str) -> int:
@@ -1195,6 +1249,12 @@ class Engine:
         properties (str, number, bool or None). ``id`` is an optional message id: a repeated
         id within the dedup horizon is ignored (and counted in ``stats()["duplicates"]``).
         """
+        if (id is None and type(user) is int and type(event) is str and type(ts) is int
+                and (props is None or type(props) is dict) and self._clock is None
+                and not self._replaying and 0 <= ts < _MAX_TS and 0 <= user < _U32):
+            out = self._track_fast(user, event, ts, props)
+            if out is not None:
+                return out
         if props is None:
             props = {}
         elif not isinstance(props, Mapping):
@@ -1243,8 +1303,8 @@ class Engine:
             (hour,), (day,) = hours_weekdays([t], [self._traits.get(d, TZ_TRAIT)])
             local = {"@hour": hour, "@weekday": day}
             get = lambda k: local[k] if k in local else props.get(k)  # noqa: E731
-        for j, where in filters:
-            fbuf[j] = eval_cond_scalar(where, get)
+        for j, test in filters:
+            fbuf[j] = test(get)
         for j, p in vals:
             v = props.get(p)
             vbuf[j] = np.nan if v is None else float(v)
@@ -1257,13 +1317,79 @@ class Engine:
         self._event_counts[code] += 1
         return self._drain_list() if pending or self._kernel.pending_firings else []
 
+    def _track_fast(self, user: int, event: str, ts: int, props: dict | None):
+        """:meth:`track` for the common case: a known user and event type, plain property
+        values, no clock, no message id. Returns None (having changed nothing) for anything
+        else, which the general path then validates and applies."""
+        spec = self._fast.get(event)
+        if spec is None:
+            spec = self._fast_spec(event)
+        if not spec:
+            return None
+        d = self._int_dense.get(user)
+        if d < 0 or user in self._str_num:
+            return None
+        code, filters, vals, keys = spec
+        fbuf = vbuf = kbuf = None
+        if props:
+            for k, v in props.items():
+                if k.__class__ is not str or v.__class__ not in _PLAIN:
+                    return None
+            if vals:
+                vbuf = self._fast_bufs[1]
+                for j, p in vals:
+                    v = props.get(p)
+                    if v is None:
+                        vbuf[j] = math.nan
+                    elif v.__class__ is str:
+                        return None             # not a number: the general path says so
+                    else:
+                        vbuf[j] = v
+            get = props.get
+        else:
+            if vals:
+                vbuf = self._fast_bufs[1]
+                for j, _ in vals:
+                    vbuf[j] = math.nan
+            get = _EMPTY.get
+        if filters:
+            fbuf = self._fast_bufs[0]
+            for j, test in filters:
+                fbuf[j] = test(get)
+        if keys:
+            kbuf = self._fast_bufs[2]
+            for j, p in keys:
+                v = get(p)
+                kbuf[j] = -1 if v is None or v != v else self._value_code(v)
+        pending = self._kernel.track_one(d, code, ts, fbuf, vbuf, kbuf)
+        st = self._stats
+        st["events"] += 1
+        st["batches"] += 1
+        self._event_counts[code] += 1
+        return self._drain_list() if pending or self._kernel.pending_firings else []
+
+    def _fast_spec(self, event: str):
+        """(code, filters, values, keys) of an event type for :meth:`_track_fast`, or False
+        when its events take the general path (where-clauses reading local time); None
+        (uncached) for a type not interned yet."""
+        code = self._codes.get(event)
+        if code is None:
+            return None
+        if event in self._plan.local_events:
+            spec = False
+        else:
+            filters, vals, keys = self._event_inputs(event)
+            spec = (code, filters, vals, keys)
+        self._fast[event] = spec
+        return spec
+
     def _event_inputs(self, event: str) -> tuple:
-        """What the kernel needs from one event of this type: (filter column, where-clause),
-        (value column, prop) and (key column, prop) pairs. Cached per plan."""
+        """What the kernel needs from one event of this type: (filter column, compiled
+        where-clause), (value column, prop) and (key column, prop) pairs. Cached per plan."""
         got = self._inputs_cache.get(event)
         if got is None:
             plan = self._plan
-            filters = [(j, w) for j, w in enumerate(plan.filters)
+            filters = [(j, compile_cond_scalar(w)) for j, w in enumerate(plan.filters)
                        if event in plan.filter_events[j]]
             vals = [(j, p) for j, p in enumerate(plan.val_props) if (event, p) in plan.numeric]
             keys = [(j, p) for j, p in enumerate(plan.key_props)
@@ -1427,7 +1553,9 @@ class Engine:
         self._stats["events"] += m
         if m:
             k = len(self._event_names)
-            self._event_counts[:k] += np.bincount(ecodes, minlength=k)[:k]
+            counts = self._event_counts
+            for c, x in enumerate(np.bincount(ecodes, minlength=k)[:k].tolist()):
+                counts[c] += x
 
     def _local_columns(self, tss, dense, ecodes, names, inv) -> dict:
         """``hour`` and ``weekday`` (docs/patterns.md) of the rows whose event type has a
@@ -2237,7 +2365,7 @@ class Engine:
                 "seen_ids": dict(self._seen_ids), "event_names": list(self._event_names),
                 "values": list(self._value_keys), "segments": dict(self._texts),
                 "stats": dict(self._stats), "caps": dict(self._policies.caps),
-                "event_counts": self._event_counts[: len(self._event_names)].tolist(),
+                "event_counts": self._event_counts[: len(self._event_names)],
                 "triggers": [(it.name, it.segment, it.entered, it.after_ms, it.cooldown_ms,
                               it.max_per, it.once, it.channel)
                              for it in self._items if isinstance(it, TriggerSpec)]}
@@ -2443,10 +2571,8 @@ def _json_columns(data) -> tuple:
     id_list = [r.id for r in rows]
     ids = _as_column(id_list, n, "id") if id_list.count(None) < n else None
     plist = [r.props for r in rows]
-    keys: dict[str, None] = {}
-    for p in plist:
-        if p:
-            keys.update(dict.fromkeys(p))
+    # every property name, in order of first appearance (one pass in C)
+    keys = dict.fromkeys(itertools.chain.from_iterable(filter(None, plist)))
     cols: dict[str, np.ndarray] = {}
     bad: tuple[int, int, str, str] | None = None
     for k in keys:

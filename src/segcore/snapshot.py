@@ -429,9 +429,7 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     eng._next_str = meta.next_str
     eng._all = BitMap(pub[alive].astype(np.uint32))
     # events, values, dedup
-    counts = np.zeros(max(16, len(meta.event_counts)), dtype=np.int64)
-    counts[: len(meta.event_counts)] = meta.event_counts
-    eng._event_counts = counts
+    eng._event_counts = list(meta.event_counts) + [0] * max(0, 16 - len(meta.event_counts))
     eng._shard_seq = meta.shard_seq
     eng._seen_ids = dict(meta.seen_ids)
     eng._stats.update({k: int(v) for k, v in meta.stats.items() if k in eng._stats})
