@@ -2029,7 +2029,7 @@ cdef class Kernel:
 
     cdef void _advance(self, int64_t t) noexcept nogil:
         cdef int64_t tt
-        cdef uint32_t u
+        cdef uint32_t u, nu
         while True:
             while self.heap.size():
                 tt = -self.heap.front().first
@@ -2038,6 +2038,10 @@ cdef class Kernel:
                 u = <uint32_t>(-self.heap.front().second)
                 pop_heap(self.heap.begin(), self.heap.end())
                 self.heap.pop_back()
+                if self.heap.size():        # the next timer's user, while this one runs
+                    nu = <uint32_t>(-self.heap.front().second)
+                    SEGCORE_PREFETCH(self.istate + <int64_t>nu * self.istride)
+                    SEGCORE_PREFETCH(self.wake + nu)
                 if self.wake[u] != tt:
                     continue
                 self.wake[u] = INT64_MAX
