@@ -213,3 +213,24 @@ def test_engine_matches_an_independent_numpy_recompute(seed):
             assert sorted(eng.members(name)) == want[name].tolist(), (name, i)
             checked += len(want[name])
     assert checked > 10_000
+
+
+def test_membership_flags_span_bytes_and_survive_export_and_import():
+    rules = {f"s{i}": f"count(e{i}) >= 1" for i in range(20)}
+    rules["r"] = "in(s9) and in(s17)"
+    k, plan, codes = _counting_kernel(rules)
+    k.add_users(1, np.zeros(1, dtype=np.int32))
+    for i in (3, 9, 17):
+        _one(k, plan, codes[f"e{i}"], i)
+    want = [i in (3, 9, 17, 20) for i in range(21)]
+    assert list(k.member_row(0)) == want and not k.member_row(1).any()
+    st = k.export_state()
+    assert st["members"].dtype == np.uint8 and len(st["members"]) == 2 * 21
+    assert list(np.flatnonzero(st["members"])) == [3, 9, 17, 20]
+    twin = Kernel(plan.arrays)
+    twin.import_state(st)
+    assert list(twin.member_row(0)) == want
+    got = twin.member_bits(np.array([0, 0, 0, 1], np.uint32), np.array([9, 10, 20, 20], np.int32))
+    assert list(got) == [True, False, True, False]
+    twin.forget(0)
+    assert not twin.member_row(0).any()

@@ -25,6 +25,7 @@ class Kernel:
     n_users: int
     cap: int
     now: int
+    mstride: int
     n_fired: int
     n_evals: int
     pending_firings: int
@@ -88,6 +89,7 @@ class Kernel:
     ]: ...
     def take_transitions_list(self) -> list[tuple[int, int, bool, int]]: ...
     def member_row(self, u: int) -> npt.NDArray[np.bool_]: ...
+    def _member_bytes(self, n: int) -> npt.NDArray[np.uint8]: ...
     def migrate_from(
         self,
         old: Kernel,

@@ -271,7 +271,8 @@ cdef class Kernel:
     cdef object _istate, _fstate, _members, _tbits, _scores, _bucket, _wake
     cdef int64_t* istate
     cdef double* fstate
-    cdef uint8_t* members
+    cdef uint8_t* members       # membership flags, one bit per segment, mstride bytes a user
+    cdef readonly int mstride
     cdef uint8_t* tbits
     cdef double* scores
     cdef int32_t* bucket
@@ -380,6 +381,7 @@ cdef class Kernel:
         self.n_filter = int(plan["n_filter"])
         self.n_val = int(plan["n_val"])
         self.n_key = int(plan["n_key"])
+        self.mstride = (max(self.n_seg, 1) + 7) // 8
         self.irow_init = _i64(plan["irow_init"])
         self.frow_init = _f64(plan["frow_init"])
         self._check_plan()
@@ -695,7 +697,7 @@ cdef class Kernel:
         cdef int64_t old = self.n_users
         cdef int64_t istride = max(self.istride, 1)
         cdef int64_t fstride = max(self.fstride, 1)
-        cdef int64_t nseg = max(self.n_seg, 1)
+        cdef int64_t nseg = self.mstride         # bytes of membership bits a user
         cdef int64_t ntr = self.n_trait
         cdef int64_t nsc = self.n_score
         istate = np.zeros(cap * istride, dtype=np.int64)
@@ -1693,7 +1695,7 @@ cdef class Kernel:
         if kind == A_BUCKET:
             return self.a_t0[a] <= self.bucket[u] <= self.a_t1[a]
         if kind == A_IN:
-            return self.members[<int64_t>u * max(self.n_seg, 1) + f] != 0
+            return self._member(u, f)
         if kind == A_MODE:
             A = self._mode_key(u, f, t)
             if A < 0:
@@ -1814,7 +1816,7 @@ cdef class Kernel:
         """Evaluate segments ``segs`` of u at t, buffer the flips, update the timed items."""
         cdef uint8_t st[STACK]
         cdef int sp, s, i, j, op
-        cdef uint8_t* mem = self.members + <int64_t>u * max(self.n_seg, 1)
+        cdef uint8_t* mem = self.members + <int64_t>u * self.mstride
         cdef uint8_t r
         self.n_evals += nsegs
         for j in range(nsegs):
@@ -1833,9 +1835,9 @@ cdef class Kernel:
                     st[sp - 1] = st[sp - 1] or st[sp]
                 else:
                     st[sp - 1] = not st[sp - 1]
-            r = st[0]
-            if r != mem[s]:
-                mem[s] = r
+            r = st[0] != 0
+            if r != ((mem[s >> 3] >> (s & 7)) & 1):
+                mem[s >> 3] ^= <uint8_t>(1 << (s & 7))
                 self.tr_u.push_back(u)
                 self.tr_s.push_back(s)
                 self.tr_e.push_back(r)
@@ -1878,7 +1880,6 @@ cdef class Kernel:
         cdef int64_t* d
         cdef int32_t* p
         cdef int64_t base = <int64_t>u * self.n_items
-        cdef uint8_t* mem = self.members + <int64_t>u * max(self.n_seg, 1)
         for i in range(self.n_items):
             d = self.dead + base + i
             p = self.jpos + base + i
@@ -1918,7 +1919,8 @@ cdef class Kernel:
                 else:
                     k = self.it_sstart[i] + p[0]
                     self.fi_step.push_back(p[0])
-                    flag = 1 if self.st_onlyif[k] < 0 or mem[self.st_onlyif[k]] != 0 else 0
+                    flag = 1 if self.st_onlyif[k] < 0 or self._member(u, self.st_onlyif[k]) \
+                        else 0
                     self.fi_flag.push_back(flag)
                     p[0] += 1
                     if self.it_sstart[i] + p[0] < self.it_send[i]:
@@ -2091,13 +2093,12 @@ cdef class Kernel:
                 raise ValueError("track: negative event code")
         cdef int32_t c
         cdef uint32_t pu
-        cdef int nseg1 = max(self.n_seg, 1)
         with nogil:
             for i in range(n):
                 if i + DEF_PREFETCH < n:
                     pu = uidx[i + DEF_PREFETCH]
                     SEGCORE_PREFETCH(self.istate + <int64_t>pu * self.istride)
-                    SEGCORE_PREFETCH(self.members + <int64_t>pu * nseg1)
+                    SEGCORE_PREFETCH(self.members + <int64_t>pu * self.mstride)
                     SEGCORE_PREFETCH(self.wake + pu)
                 if ts[i] > self.now:
                     self._advance(ts[i])
@@ -2490,8 +2491,8 @@ cdef class Kernel:
             self.fstate[<int64_t>u * self.fstride + j] = self.frow_init[j]
         for j in range(self.n_var):
             vector[Entry]().swap(self.pools[<size_t>u * self.n_var + j])
-        for j in range(max(self.n_seg, 1)):
-            self.members[<int64_t>u * max(self.n_seg, 1) + j] = 0
+        for j in range(self.mstride):
+            self.members[<int64_t>u * self.mstride + j] = 0
         for j in range(self.n_trait):
             self.tbits[<int64_t>u * self.n_trait + j] = 0
         for j in range(self.n_score):
@@ -2543,12 +2544,25 @@ cdef class Kernel:
         self.tr_t.clear()
         return out
 
+    cdef inline bint _member(self, uint32_t u, int s) noexcept nogil:
+        return (self.members[<int64_t>u * self.mstride + (s >> 3)] >> (s & 7)) & 1
+
+    def _member_bytes(self, int64_t n):
+        """The first n users' flags, one byte per (user, segment) (the snapshot layout)."""
+        cdef int64_t nseg1 = max(self.n_seg, 1)
+        if not n:
+            return np.zeros(0, dtype=np.uint8)
+        bits = np.unpackbits(self._members[: n * self.mstride].reshape(n, self.mstride),
+                             axis=1, bitorder="little")[:, :nseg1]
+        return np.ascontiguousarray(bits).reshape(-1)
+
     def member_row(self, uint32_t u):
         """Membership flags of user ``u`` in segment (plan) order."""
         if u >= self.n_users:
             raise ValueError("member_row: user index out of range")
-        cdef int64_t ns = max(self.n_seg, 1)
-        return self._members[u * ns: u * ns + self.n_seg].astype(bool)
+        cdef int64_t ms = self.mstride
+        return np.unpackbits(self._members[u * ms: u * ms + ms],
+                             bitorder="little")[: self.n_seg].astype(bool)
 
     def member_bits(self, const uint32_t[::1] uidx not None, const int32_t[::1] seg not None):
         """Current membership flag of each (user, segment) pair."""
@@ -2560,9 +2574,8 @@ cdef class Kernel:
                 raise ValueError("member_bits: index out of range")
         out = np.empty(n, dtype=np.bool_)
         cdef uint8_t[::1] mo = out.view(np.uint8)
-        cdef int64_t ns = max(self.n_seg, 1)
         for i in range(n):
-            mo[i] = self.members[<int64_t>uidx[i] * ns + seg[i]]
+            mo[i] = self._member(uidx[i], seg[i])
         return out
 
     def migrate_from(self, Kernel old not None, const int32_t[::1] fmap not None,
@@ -2614,9 +2627,8 @@ cdef class Kernel:
                         old.pools[<size_t>u * old.n_var + old.f_var[fo]])
             for s in range(self.n_seg):
                 so = smap[s]
-                if so >= 0:
-                    self.members[u * max(self.n_seg, 1) + s] = \
-                        old.members[u * max(old.n_seg, 1) + so]
+                if so >= 0 and old._member(u, so):
+                    self.members[u * self.mstride + (s >> 3)] |= <uint8_t>(1 << (s & 7))
             self.fresh[u] = old.fresh[u]
             for i in range(self.n_items):
                 if im[i] >= 0:
@@ -2651,7 +2663,7 @@ cdef class Kernel:
             "now": int(self.now), "n_users": int(n),
             "istate": self._istate[: n * self.istride].copy(),
             "fstate": self._fstate[: n * self.fstride].copy(),
-            "members": self._members[: n * nseg1].copy(),
+            "members": self._member_bytes(n),
             "tbits": self._tbits[: n * self.n_trait].copy(),
             "scores": self._scores[: n * self.n_score].copy(),
             "bucket": self._bucket[:n].copy(), "wake": self._wake[:n].copy(),
@@ -2706,7 +2718,9 @@ cdef class Kernel:
         self.now = now
         self._istate[: n * self.istride] = arrs["istate"]
         self._fstate[: n * self.fstride] = arrs["fstate"]
-        self._members[: n * nseg1] = arrs["members"]
+        if n:
+            self._members[: n * self.mstride] = np.packbits(
+                arrs["members"].reshape(n, nseg1) != 0, axis=1, bitorder="little").reshape(-1)
         self._tbits[: n * self.n_trait] = arrs["tbits"]
         self._scores[: n * self.n_score] = arrs["scores"]
         self._wake[:n] = arrs["wake"]
