@@ -234,3 +234,19 @@ def test_membership_flags_span_bytes_and_survive_export_and_import():
     assert list(got) == [True, False, True, False]
     twin.forget(0)
     assert not twin.member_row(0).any()
+
+
+def test_id_map_finds_every_id_and_grows_to_half_load():
+    from segcore._kernel import IdMap
+    m = IdMap(16)
+    ids = np.random.default_rng(3).choice(2**32, size=5000, replace=False).astype(np.uint32)
+    for lo in range(0, len(ids), 700):
+        part = ids[lo: lo + 700]
+        m.insert(part, np.arange(lo, lo + len(part), dtype=np.int64))
+        assert m.size <= m.capacity // 2
+    assert m.capacity == 16384            # the smallest power of two at load <= 1/2
+    assert list(m.lookup(ids)) == list(range(len(ids)))
+    m.remove(int(ids[7]))
+    assert m.get(int(ids[7])) == -1 and m.get(int(ids[8])) == 8 and m.size == len(ids) - 1
+    missing = np.setdiff1d(np.arange(10_000, dtype=np.uint32), ids)[:50]
+    assert (m.lookup(missing) == -1).all()

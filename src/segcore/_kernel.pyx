@@ -2843,7 +2843,7 @@ cdef class IdMap:
             if dense[i] < 0:
                 raise ValueError("insert: dense indices must be >= 0")
         if 2 * (self.used + n) > self.capacity:     # tombstones count until a rehash
-            self._grow(2 * (self.size + n))
+            self._grow(self.size + n)
         for i in range(n):
             s = self._slot(ids[i])
             if self.vals[s] < 0:
@@ -2853,6 +2853,7 @@ cdef class IdMap:
         self.used = max(self.used, self.size)
 
     cdef void _grow(self, int64_t need) except *:
+        """Rehash into the smallest power of two holding ``need`` keys at load 1/2."""
         old_keys, old_vals = self._keys, self._vals
         cap = self.capacity
         while cap < 2 * need:
