@@ -157,6 +157,24 @@ def test_an_event_re_evaluates_only_the_segments_reading_what_it_updates():
     assert list(k.member_row(0)) == [0, 1, 1]
 
 
+def test_an_event_that_changes_no_input_of_a_segment_leaves_it_alone():
+    k, plan, codes = _counting_kernel({"a": 'count(v where c == "x") >= 1',
+                                       "b": "first_seen >= now - 1d", "c": "count(v) >= 2",
+                                       "d": "in(a) or in(b)", "e": "seen and inactive(1h)"})
+    _one(k, plan, codes["v"], 10)           # fresh: every segment
+    assert list(k.member_row(0)) == [0, 1, 0, 1, 0]
+    before = k.stats()["segment_evaluations"]
+    _one(k, plan, codes["v"], 20)           # the where-clause fails, first_seen stays
+    assert k.stats()["segment_evaluations"] - before == 2      # c, and e (last_seen moved)
+    assert list(k.member_row(0)) == [0, 1, 1, 1, 0]
+    before = k.stats()["segment_evaluations"]
+    _one(k, plan, codes["v"], 5)            # late: first_seen moves back, last_seen stays
+    # b, c, d through in(b), and e (`seen` is first_seen exists)
+    assert k.stats()["segment_evaluations"] - before == 4
+    k.advance(86_400_006)                   # past first_seen + 1d: b leaves, and d with it
+    assert list(k.member_row(0)) == [0, 0, 1, 0, 1]
+
+
 def test_segment_needing_history_that_is_not_kept_is_refused():
     eng = segcore.Engine()
     eng.add_segment("fb", "count(purchase, 90d) >= 3")

@@ -240,6 +240,10 @@ cdef class Kernel:
     # per event code (row n_codes: codes no rule names), the time-dependent features it updates
     # and the age atoms reading them: the only wake-up candidates an event can move
     cdef int32_t[::1] wf_start, wf_list, wa_start, wa_list
+    # per entry of es_list: which of its event code's listeners (bit min(i, 63) for the i-th,
+    # as _apply numbers them) the segment reads, itself or through in(): an event whose
+    # listeners changed none of them leaves the segment as it was
+    cdef uint64_t[::1] es_mask
     # per time feature and per age atom (by position), the segments a change of it can flip
     # (with the segments referring to those); pred_segs: those reading a predictive score
     cdef int32_t[::1] tf_start, tf_segs, ta_start, ta_segs, pred_segs
@@ -615,6 +619,35 @@ cdef class Kernel:
             atoms.append(at)
             refs.append(rs)
         timed = set(self.time_segs[i] for i in range(self.time_segs.shape[0]))
+        # every feature a segment reads directly (age tests and scores included)
+        reads = []
+        for s in range(self.n_seg):
+            fs = set(feats[s])
+            for a in atoms[s]:
+                if self.a_kind[a] == A_TIME:
+                    fs.update(self.t_a[j] for j in range(self.a_t0[a], self.a_t1[a]))
+                elif self.a_kind[a] == A_PRED:
+                    fs.add(self.a_f[a])
+            reads.append(fs)
+        masks = []
+        for c in range(self.n_codes + 1):
+            lst = [] if c == self.n_codes else \
+                [self.lst_feat[i] for i in range(self.lst_start[c], self.lst_start[c + 1])]
+            lst += [self.any_feat[i] for i in range(self.any_feat.shape[0])]
+            seg_mask = {}
+            for i in range(self.es_start[c], self.es_start[c + 1]):
+                s = self.es_list[i]
+                m = 0
+                for pos, f in enumerate(lst):
+                    if f in reads[s]:
+                        m |= 1 << min(pos, 63)
+                for r in refs[s]:
+                    m |= seg_mask.get(r, 0)
+                if not m and not refs[s]:
+                    m = (1 << 64) - 1      # (an index the kernel did not derive: keep it)
+                seg_mask[s] = m
+                masks.append(m)
+        self.es_mask = np.array(masks, dtype=np.uint64)
 
         def closure(direct):
             out = set(direct)
@@ -781,17 +814,28 @@ cdef class Kernel:
         cdef int64_t w = self.f_window[f]
         return w == 0 or ts > t - w
 
-    cdef void _apply(self, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp,
-                     const double* vp, const int64_t* kp) noexcept nogil:
+    cdef uint64_t _apply(self, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp,
+                         const double* vp, const int64_t* kp) noexcept nogil:
+        """Apply one event to the features listening to it; bit ``min(i, 63)`` of the result
+        is set when the i-th of them (the event code's listeners, then the any-event ones)
+        changed state."""
         cdef int32_t i
+        cdef int bit = 0
+        cdef uint64_t chg = 0
         if 0 <= e < self.n_codes:
             for i in range(self.lst_start[e], self.lst_start[e + 1]):
-                self._apply_one(self.lst_feat[i], u, e, ts, fp, vp, kp)
+                if self._apply_one(self.lst_feat[i], u, e, ts, fp, vp, kp):
+                    chg |= (<uint64_t>1) << (bit if bit < 63 else 63)
+                bit += 1
         for i in range(self.any_feat.shape[0]):
-            self._apply_one(self.any_feat[i], u, e, ts, fp, vp, kp)
+            if self._apply_one(self.any_feat[i], u, e, ts, fp, vp, kp):
+                chg |= (<uint64_t>1) << (bit if bit < 63 else 63)
+            bit += 1
+        return chg
 
-    cdef void _apply_one(self, int f, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp,
+    cdef bint _apply_one(self, int f, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp,
                          const double* vp, const int64_t* kp) noexcept nogil:
+        """Apply one event to feature f; False when f's state did not change."""
         cdef int kind = self.f_kind[f]
         cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
         cdef double* fst
@@ -802,21 +846,21 @@ cdef class Kernel:
         cdef Entry ent
         cdef size_t n, lo, hi, mid
         if self.f_filter[f] >= 0 and not fp[self.f_filter[f]]:
-            return
+            return False
         if self.f_val[f] >= 0:
             v = vp[self.f_val[f]]
         if self.f_key[f] >= 0:
             key = kp[self.f_key[f]]
         if kind == K_TOPK:
             if not self._in_window(f, ts, self.now):
-                return
+                return False
             k = self.f_k[f]
             # slots sorted descending; an equal ts goes after the existing ones
             pos = 0
             while pos < k and ist[pos] >= ts:
                 pos += 1
             if pos == k:
-                return
+                return False
             j = k - 1
             while j > pos:
                 ist[j] = ist[j - 1]
@@ -826,7 +870,7 @@ cdef class Kernel:
             ist[0] += 1
         elif kind == K_STATS:
             if isnan(v):
-                return
+                return False
             fst = self.fstate + <int64_t>u * self.fstride + self.f_foff[f]
             if ist[0] == 0:
                 fst[1] = v
@@ -839,21 +883,24 @@ cdef class Kernel:
             ist[0] += 1
             fst[0] += v
         elif kind == K_SUM:
-            if not isnan(v):
-                (self.fstate + <int64_t>u * self.fstride + self.f_foff[f])[0] += v
+            if isnan(v):
+                return False
+            (self.fstate + <int64_t>u * self.fstride + self.f_foff[f])[0] += v
         elif kind == K_FIRST:
-            if ts < ist[0]:
-                ist[0] = ts
+            if ts >= ist[0]:
+                return False
+            ist[0] = ts
         elif kind == K_LAST:
-            if ts > ist[0]:
-                ist[0] = ts
+            if ts <= ist[0]:
+                return False
+            ist[0] = ts
         elif kind == K_WLIST:
             if not self._in_window(f, ts, self.now):
-                return
+                return False
             if self.f_val[f] >= 0 and isnan(v):
-                return
+                return False
             if self.f_key[f] >= 0 and key < 0:
-                return
+                return False
             vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
             ent.ts = ts
             ent.val = v
@@ -862,24 +909,28 @@ cdef class Kernel:
             insert_by_ts(vec, ent)
         elif kind == K_DISTINCT:
             if key < 0:
-                return
+                return False
             vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
             lo = key_lower_bound(vec, key)
             if lo < vec.size() and vec[0][lo].key == key:
-                return
+                return False
             ent.ts = ts
             ent.val = 0
             ent.key = key
             ent.aux = 0
             vec.insert(vec.begin() + lo, ent)
         elif kind == K_ABANDON:
+            pos = 0
             if e == self.f_event[f] and ts > ist[0]:
                 ist[0] = ts
+                pos = 1
             if e == self.f_event2[f] and ts > ist[1]:
                 ist[1] = ts
+                pos = 1
+            return pos != 0
         elif kind == K_ABANDON_BY:
             if key < 0:
-                return
+                return False
             vec = &self.pools[<size_t>u * self.n_var + self.f_var[f]]
             n = vec.size()
             for lo in range(n):
@@ -898,7 +949,7 @@ cdef class Kernel:
                 vec[0][lo].aux = ts
         elif kind == K_MODE:
             if key < 0:
-                return
+                return False
             self._mode_add(&self.pools[<size_t>u * self.n_var + self.f_var[f]], ts, key)
         elif kind == K_SEQ:
             self._seq_add(u, f, e, ts, fp, key)
@@ -907,6 +958,7 @@ cdef class Kernel:
                            self.f_window[f], self.f_span[f])
         elif kind == K_PRED:
             self._pred_add(u, f, e, ts, v)
+        return True
 
     # ------------------------------------------------------------------ predictive scores
     cdef inline void _pred_forget_crossings(self, uint32_t u) noexcept nogil:
@@ -1729,14 +1781,18 @@ cdef class Kernel:
 
     # ------------------------------------------------------------------ evaluation
     cdef void _eval(self, uint32_t u, int64_t t, const int32_t* segs, int nsegs,
-                    int code=-1) noexcept nogil:
+                    int code=-1, uint64_t chg=0xFFFFFFFFFFFFFFFFULL) noexcept nogil:
         """Re-evaluate segments ``segs`` (in evaluation order) of user u at time t, buffer the
         flips, and reschedule u's timer.
 
         ``code`` >= 0 is the (clamped) code of the event just applied: only the wake-up
         candidates that event can have moved are recomputed, because ``wake[u]`` already
         bounds the others (they are unchanged since u's last evaluation, and no timer was due
-        in between). ``code`` -1 recomputes them all (fresh users, re-evaluations)."""
+        in between). ``code`` -1 recomputes them all (fresh users, re-evaluations).
+
+        ``chg`` (with ``code``) says which of the code's listeners changed state
+        (:meth:`_apply`): segments reading none of them are not re-evaluated, and when none
+        changed no wake-up moved."""
         cdef int i
         cdef int64_t w, nxt
         cdef const int32_t* wf
@@ -1747,8 +1803,15 @@ cdef class Kernel:
             segs = &self.all_segs[0]
             nsegs = self.n_seg
             code = -1
-        self._eval_segs(u, t, segs, nsegs)
-        if code < 0:
+        if code >= 0 and chg != 0xFFFFFFFFFFFFFFFFULL:
+            self._eval_segs(u, t, segs, nsegs, &self.es_mask[0] + self.es_start[code]
+                            if self.es_mask.shape[0] else NULL, chg)
+        else:
+            self._eval_segs(u, t, segs, nsegs)
+        if code >= 0 and chg == 0:
+            nwf = nwa = 0
+            wf = wa = NULL
+        elif code < 0:
             wf, nwf = &self.time_feats[0] if self.time_feats.shape[0] else NULL, \
                 self.time_feats.shape[0]
             wa, nwa = &self.time_atoms[0] if self.time_atoms.shape[0] else NULL, \
@@ -1811,15 +1874,18 @@ cdef class Kernel:
         self._eval_segs(u, t, self.tsegs.data(), self.tsegs.size())
         self._schedule(u, t, w)
 
-    cdef void _eval_segs(self, uint32_t u, int64_t t, const int32_t* segs,
-                         int nsegs) noexcept nogil:
-        """Evaluate segments ``segs`` of u at t, buffer the flips, update the timed items."""
+    cdef void _eval_segs(self, uint32_t u, int64_t t, const int32_t* segs, int nsegs,
+                         const uint64_t* masks=NULL, uint64_t chg=0) noexcept nogil:
+        """Evaluate segments ``segs`` of u at t, buffer the flips, update the timed items;
+        with ``masks``, only those whose mask meets ``chg``."""
         cdef uint8_t st[STACK]
         cdef int sp, s, i, j, op
         cdef uint8_t* mem = self.members + <int64_t>u * self.mstride
         cdef uint8_t r
-        self.n_evals += nsegs
         for j in range(nsegs):
+            if masks != NULL and not (masks[j] & chg):
+                continue
+            self.n_evals += 1
             s = segs[j]
             sp = 0
             for i in range(self.p_start[s], self.p_start[s + 1]):
@@ -2093,6 +2159,7 @@ cdef class Kernel:
                 raise ValueError("track: negative event code")
         cdef int32_t c
         cdef uint32_t pu
+        cdef uint64_t chg
         with nogil:
             for i in range(n):
                 if i + DEF_PREFETCH < n:
@@ -2110,11 +2177,11 @@ cdef class Kernel:
                     vp = &vals[i * nv]
                 if nk:
                     kp = &keys[i * nk]
-                self._apply(uidx[i], ecode[i], ts[i], fp, vp, kp)
+                chg = self._apply(uidx[i], ecode[i], ts[i], fp, vp, kp)
                 c = ecode[i] if ecode[i] < self.n_codes else self.n_codes
                 self._eval(uidx[i], self.now, &self.es_list[0] + self.es_start[c]
                            if self.es_list.shape[0] else NULL,
-                           self.es_start[c + 1] - self.es_start[c], c)
+                           self.es_start[c + 1] - self.es_start[c], c, chg)
         return self.tr_u.size()
 
     def track_one(self, uint32_t u, int32_t e, int64_t ts, fpass=None, vals=None, keys=None):
@@ -2153,11 +2220,11 @@ cdef class Kernel:
         # (no GIL release: it would cost more than one event's work)
         if ts > self.now:
             self._advance(ts)
-        self._apply(u, e, ts, fp, vp, kp)
+        cdef uint64_t chg = self._apply(u, e, ts, fp, vp, kp)
         c = e if e < self.n_codes else self.n_codes
         self._eval(u, self.now, &self.es_list[0] + self.es_start[c]
                    if self.es_list.shape[0] else NULL,
-                   self.es_start[c + 1] - self.es_start[c], c)
+                   self.es_start[c + 1] - self.es_start[c], c, chg)
         return self.tr_u.size()
 
     def advance(self, int64_t t):
