@@ -183,6 +183,14 @@ class Transitions:
                            np.concatenate([p.ts for p in parts]), names, parts[0]._strs)
 
 
+def _rows_of(col: np.ndarray, wanted: list, size: int) -> np.ndarray:
+    """``np.isin(col, wanted)`` for a column of small codes (``-1 <= code < size``), by one
+    table lookup instead of a sort."""
+    table = np.zeros(size + 1, dtype=bool)      # (the spare last entry answers -1)
+    table[wanted] = True
+    return table[col]
+
+
 def _bitmap(numbers: np.ndarray) -> BitMap:
     """A BitMap from a uint32 array, through the buffer protocol (no per-element Python)."""
     return BitMap(array.array("I", np.ascontiguousarray(numbers, dtype=np.uint32).tobytes()))
@@ -1562,10 +1570,11 @@ class Engine:
         where-clause reading them, in each user's timezone (new users: UTC)."""
         local = self._plan.local_events
         if names is not None:
-            rows = np.flatnonzero(np.isin(inv, [i for i, nm in enumerate(names) if nm in local]))
+            rows = np.flatnonzero(_rows_of(inv, [i for i, nm in enumerate(names) if nm in local],
+                                           len(names)))
         else:
-            rows = np.flatnonzero(np.isin(ecodes, [self._codes[e] for e in local
-                                                   if e in self._codes]))
+            rows = np.flatnonzero(_rows_of(ecodes, [self._codes[e] for e in local
+                                                    if e in self._codes], len(self._event_names)))
         tzcol = self._traits.cols.get(TZ_TRAIT)
         tzs = [None] * len(rows) if tzcol is None else \
             [None if x < 0 else tzcol[x] for x in dense[rows].tolist()]
@@ -1586,10 +1595,10 @@ class Engine:
             # only rows of the event types that use this filter need it
             codes = [self._codes[e] for e in plan.filter_events[j] if e in self._codes]
             if names is not None:
-                rows = np.flatnonzero(np.isin(inv, [i for i, nm in enumerate(names)
-                                                    if nm in plan.filter_events[j]]))
+                rows = np.flatnonzero(_rows_of(inv, [i for i, nm in enumerate(names)
+                                                     if nm in plan.filter_events[j]], len(names)))
             else:
-                rows = np.flatnonzero(np.isin(ecodes, codes))
+                rows = np.flatnonzero(_rows_of(ecodes, codes, len(self._event_names)))
             if not len(rows):
                 continue
             sub = {k: c[rows] for k, c in cols.items()} if len(rows) < n else cols
@@ -1600,17 +1609,17 @@ class Engine:
             col = cols.get(p)
             if col is None:
                 continue
+            if col.dtype.kind in "iufb":
+                vals[:, j] = col.astype(np.float64)
+                continue
             need_codes = {self._codes[e] for (e, q) in plan.numeric
                           if q == p and e in self._codes}
             need_names = {e for (e, q) in plan.numeric if q == p}
             if names is not None:
-                need = np.isin(inv, [i for i, nm in enumerate(names) if nm in need_names]) \
-                    if names else np.zeros(n, bool)
+                need = _rows_of(inv, [i for i, nm in enumerate(names) if nm in need_names],
+                                len(names))
             else:
-                need = np.isin(ecodes, list(need_codes))
-            if col.dtype.kind in "iufb":
-                vals[:, j] = col.astype(np.float64)
-                continue
+                need = _rows_of(ecodes, list(need_codes), len(self._event_names))
             lst = col.tolist()
             for i, v in enumerate(lst):
                 if _is_missing(v):
@@ -1683,18 +1692,19 @@ class Engine:
         elif len(u):
             # A user's final state in a segment is the kernel's member bit, whatever happened
             # in between: add those in, take those out (no need to order the transitions).
-            final = kernel.member_bits(u, s)
-            for k in np.flatnonzero(np.bincount(s, minlength=len(names))):
-                bm = self._bitmaps.get(names[k])
+            # One stable sort groups the rows by (segment, final state).
+            key = s.astype(np.int64) * 2 + kernel.member_bits(u, s)
+            order = np.argsort(key, kind="stable")
+            key, users = key[order], batch.user[order]
+            cut = np.flatnonzero(key[1:] != key[:-1]) + 1
+            for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(key)]):
+                bm = self._bitmaps.get(names[int(key[lo]) >> 1])
                 if bm is None:
                     continue
-                m = s == k
-                ins = batch.user[m & final]
-                if len(ins):
-                    bm |= _bitmap(ins)
-                outs = batch.user[m & ~final]
-                if len(outs):
-                    bm -= _bitmap(outs)
+                if key[lo] & 1:
+                    bm |= _bitmap(users[lo:hi])
+                else:
+                    bm -= _bitmap(users[lo:hi])
         return batch
 
     def _drain_list(self) -> list[Transition]:
