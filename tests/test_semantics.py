@@ -436,6 +436,21 @@ def test_bad_single_events_of_a_known_user_and_type_change_nothing(make_engine):
     assert list(eng.members("shoes")) == [1]
 
 
+def test_single_events_follow_plan_changes(make_engine):
+    eng = make_engine()
+    eng.add_segment("a", 'count(view where cat == "x") >= 2')
+    assert eng.track(1, "view", ts=1, props={"cat": "x"}) == []
+    eng.add_segment("b", "sum(buy.amount) >= 3")       # new columns: a number, a filter
+    assert eng.track(1, "buy", ts=2, props={"amount": 2, "cat": "x"}) == []
+    assert eng.track(1, "view", ts=3, props={"cat": "x"}) == [T(1, "a", True, 3)]
+    assert list(eng.replace_segment("a", "sum(buy.amount) >= 2.5")) == [T(1, "a", False, 3)]
+    assert eng.track(1, "buy", ts=4, props={"amount": 1.5}) == [T(1, "a", True, 4),
+                                                                 T(1, "b", True, 4)]
+    eng.remove_segment("a")
+    assert eng.track(1, "buy", ts=5, props={"amount": -9}) == [T(1, "b", False, 5)]
+    assert eng.track(1, "view", ts=6) == [] and eng.stats()["events"] == 6
+
+
 def test_bad_json_reports_the_row(make_engine):
     eng = make_engine()
     eng.add_segment("any", "seen")

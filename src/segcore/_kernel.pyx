@@ -248,6 +248,9 @@ cdef class Kernel:
     # (with the segments referring to those); pred_segs: those reading a predictive score
     cdef int32_t[::1] tf_start, tf_segs, ta_start, ta_segs, pred_segs
     cdef vector[uint8_t] tmark
+    cdef vector[uint8_t] one_f      # the row track_fast fills
+    cdef vector[double] one_v
+    cdef vector[int64_t] one_k
     cdef vector[uint8_t] no_f       # a row of no property: no filter passed,
     cdef vector[double] no_v        # no numbers,
     cdef vector[int64_t] no_k       # no keys
@@ -2188,7 +2191,6 @@ cdef class Kernel:
         """One event (the single-event fast path): same contract as :meth:`track`, with the
         row's property columns as 1-d buffers; None stands for a row of no filter passed, no
         numbers and no keys (an event type that reads no property)."""
-        cdef int32_t c
         cdef const uint8_t[::1] mf
         cdef const double[::1] mv
         cdef const int64_t[::1] mk
@@ -2218,14 +2220,21 @@ cdef class Kernel:
             if self.n_key:
                 kp = &mk[0]
         # (no GIL release: it would cost more than one event's work)
+        self._one(u, e, ts, fp, vp, kp)
+        return self.tr_u.size()
+
+    cdef void _one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp, const double* vp,
+                   const int64_t* kp) noexcept nogil:
+        """One checked event (u < n_users, 0 <= ts < 2**48, e >= 0, full-width rows)."""
+        cdef int32_t c
+        cdef uint64_t chg
         if ts > self.now:
             self._advance(ts)
-        cdef uint64_t chg = self._apply(u, e, ts, fp, vp, kp)
+        chg = self._apply(u, e, ts, fp, vp, kp)
         c = e if e < self.n_codes else self.n_codes
         self._eval(u, self.now, &self.es_list[0] + self.es_start[c]
                    if self.es_list.shape[0] else NULL,
                    self.es_start[c + 1] - self.es_start[c], c, chg)
-        return self.tr_u.size()
 
     def advance(self, int64_t t):
         """Move time to ``t`` (no-op if not later than now), firing every due timer in order."""
@@ -2930,3 +2939,95 @@ cdef class IdMap:
         self.used = 0
         live = old_vals >= 0
         self.insert(np.ascontiguousarray(old_keys[live]), np.ascontiguousarray(old_vals[live]))
+
+
+# ---------------------------------------------------------------------- Engine.track's short path
+_PLAIN = (str, int, float, type(None))
+_NO_PROPS = {}
+
+
+def track_fast(object eng, object user, object event, object ts, object props):
+    """``Engine.track`` (without a message id) for the common case, compiled: a known int
+    user, a known event type, an int ``ts`` in range, ``props`` None or a dict of plain values
+    (str, int, float, None), an engine without a clock and not replaying its log. Returns the
+    transitions, or None, having changed nothing, for anything else (the engine's general
+    path then validates and applies the event).
+
+    It reads the engine's current maps on every call (``_fast``: event type -> (code,
+    filters, numeric props, key props) or False; ``_int_dense``, ``_str_num``, ``_kernel``),
+    so a plan change or a restore is seen at once."""
+    if type(user) is not int or type(event) is not str or type(ts) is not int or \
+            not (props is None or type(props) is dict) or \
+            eng._clock is not None or eng._replaying:
+        return None
+    if not (0 <= ts < (<int64_t>1 << 48) and 0 <= user < (<int64_t>1 << 32)):
+        return None
+    cdef dict specs = eng._fast
+    cdef object spec = specs.get(event)
+    if spec is None:
+        spec = eng._fast_spec(event)
+    if not spec:
+        return None
+    cdef int64_t uid = user
+    cdef int64_t t = ts
+    cdef IdMap ids = eng._int_dense
+    cdef int64_t d = ids.vals[ids._slot(<uint32_t>uid)]
+    if d < 0 or user in <dict>eng._str_num:
+        return None
+    cdef Kernel k = eng._kernel
+    if d >= k.n_users:
+        return None
+    cdef tuple tspec = <tuple>spec
+    cdef int32_t code = tspec[0]
+    if code < 0:
+        return None
+    cdef list filters = tspec[1]
+    cdef list vals = tspec[2]
+    cdef list keys = tspec[3]
+    cdef dict pd
+    cdef object kk, v, get
+    cdef Py_ssize_t j
+    cdef double x
+    if k.one_f.size() < <size_t>max(k.n_filter, 1):
+        k.one_f.assign(max(k.n_filter, 1), 0)
+        k.one_v.assign(max(k.n_val, 1), NAN)
+        k.one_k.assign(max(k.n_key, 1), -1)
+    cdef uint8_t* fp = k.one_f.data()
+    cdef double* vp = k.one_v.data()
+    cdef int64_t* kp = k.one_k.data()
+    for j in range(k.n_filter):             # what the batch path gives a row: no filter
+        fp[j] = 0                           # passed, no number, no key
+    for j in range(k.n_val):
+        vp[j] = NAN
+    for j in range(k.n_key):
+        kp[j] = -1
+    if props:
+        pd = <dict>props
+        for kk, v in pd.items():
+            if type(kk) is not str or type(v) not in _PLAIN:
+                return None
+        for j, p in vals:
+            v = pd.get(p)
+            if v is None:
+                continue
+            elif type(v) is str:
+                return None                 # not a number: the general path says so
+            else:
+                x = v
+                vp[j] = x
+        get = pd.get
+    else:
+        get = _NO_PROPS.get
+    for j, test in filters:
+        fp[j] = 1 if test(get) else 0
+    for j, p in keys:
+        v = get(p)
+        kp[j] = -1 if v is None or v != v else <int64_t>eng._value_code(v)
+    k._one(<uint32_t>d, code, t, fp, vp, kp)
+    cdef dict st = eng._stats
+    st["events"] += 1
+    st["batches"] += 1
+    (<list>eng._event_counts)[code] += 1
+    if k.tr_u.size() or k.fi_u.size():
+        return eng._drain_list()
+    return []

@@ -37,6 +37,7 @@ from pyroaring import BitMap, FrozenBitMap
 from . import rules as R
 from . import wal as _wal
 from ._kernel import IdMap, Kernel
+from ._kernel import track_fast as _track_fast
 from .compile import (DAY_MS, MAX_CONVERT_EVENTS, Plan, PredictSpec, compile_segments,
                       feature_map)
 from . import predict as _predict
@@ -371,10 +372,6 @@ def compile_cond_scalar(cond) -> Callable[[Callable[[str], Any]], bool]:
     return lambda get: test_value(cond, get(name))
 
 
-#: property value types the single-event fast path takes as they are (others, such as numpy
-#: scalars and bools, go through the general path)
-_PLAIN = frozenset({str, int, float, type(None)})
-_EMPTY: dict = {}
 
 
 # ------------------------------------------------------------------ columns
@@ -622,10 +619,7 @@ class Engine:
     def _set_plan(self, plan: Plan) -> None:
         self._plan = plan
         self._inputs_cache: dict = {}
-        self._fast: dict = {}
-        nf, nv, nk = len(plan.filters), len(plan.val_props), len(plan.key_props)
-        self._fast_bufs = (bytearray(max(1, nf)), array.array("d", [math.nan] * max(1, nv)),
-                           array.array("q", [-1] * max(1, nk)))
+        self._fast: dict = {}       # event type -> its inputs for _kernel.track_fast
         self._one_bufs = (np.zeros(max(1, len(plan.filters)), np.uint8),
                           np.full(max(1, len(plan.val_props)), np.nan, np.float64),
                           np.full(max(1, len(plan.key_props)), -1, np.int64))
@@ -1257,10 +1251,8 @@ class Engine:
         properties (str, number, bool or None). ``id`` is an optional message id: a repeated
         id within the dedup horizon is ignored (and counted in ``stats()["duplicates"]``).
         """
-        if (id is None and type(user) is int and type(event) is str and type(ts) is int
-                and (props is None or type(props) is dict) and self._clock is None
-                and not self._replaying and 0 <= ts < _MAX_TS and 0 <= user < _U32):
-            out = self._track_fast(user, event, ts, props)
+        if id is None:
+            out = _track_fast(self, user, event, ts, props)     # the common case, compiled
             if out is not None:
                 return out
         if props is None:
@@ -1325,59 +1317,8 @@ class Engine:
         self._event_counts[code] += 1
         return self._drain_list() if pending or self._kernel.pending_firings else []
 
-    def _track_fast(self, user: int, event: str, ts: int, props: dict | None):
-        """:meth:`track` for the common case: a known user and event type, plain property
-        values, no clock, no message id. Returns None (having changed nothing) for anything
-        else, which the general path then validates and applies."""
-        spec = self._fast.get(event)
-        if spec is None:
-            spec = self._fast_spec(event)
-        if not spec:
-            return None
-        d = self._int_dense.get(user)
-        if d < 0 or user in self._str_num:
-            return None
-        code, filters, vals, keys = spec
-        fbuf = vbuf = kbuf = None
-        if props:
-            for k, v in props.items():
-                if k.__class__ is not str or v.__class__ not in _PLAIN:
-                    return None
-            if vals:
-                vbuf = self._fast_bufs[1]
-                for j, p in vals:
-                    v = props.get(p)
-                    if v is None:
-                        vbuf[j] = math.nan
-                    elif v.__class__ is str:
-                        return None             # not a number: the general path says so
-                    else:
-                        vbuf[j] = v
-            get = props.get
-        else:
-            if vals:
-                vbuf = self._fast_bufs[1]
-                for j, _ in vals:
-                    vbuf[j] = math.nan
-            get = _EMPTY.get
-        if filters:
-            fbuf = self._fast_bufs[0]
-            for j, test in filters:
-                fbuf[j] = test(get)
-        if keys:
-            kbuf = self._fast_bufs[2]
-            for j, p in keys:
-                v = get(p)
-                kbuf[j] = -1 if v is None or v != v else self._value_code(v)
-        pending = self._kernel.track_one(d, code, ts, fbuf, vbuf, kbuf)
-        st = self._stats
-        st["events"] += 1
-        st["batches"] += 1
-        self._event_counts[code] += 1
-        return self._drain_list() if pending or self._kernel.pending_firings else []
-
     def _fast_spec(self, event: str):
-        """(code, filters, values, keys) of an event type for :meth:`_track_fast`, or False
+        """(code, filters, values, keys) of an event type for ``_kernel.track_fast``, or False
         when its events take the general path (where-clauses reading local time); None
         (uncached) for a type not interned yet."""
         code = self._codes.get(event)
