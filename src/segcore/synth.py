@@ -130,8 +130,10 @@ class _Props(Mapping):
         col = self._cache.get(name)
         if col is None:
             codes = self._codes[name]              # KeyError for an unknown name
-            vocab = np.append(self._vocab[name], None)   # code -1 -> None
-            col = self._cache[name] = vocab[codes]
+            # (indexing, not np.append(vocab, None): a slice costs its rows, not the vocabulary)
+            col = np.asarray(self._vocab[name], dtype=object)[codes]
+            col[codes < 0] = None
+            self._cache[name] = col
         return col
 
     def __iter__(self):
