@@ -451,6 +451,23 @@ def test_single_events_follow_plan_changes(make_engine):
     assert eng.track(1, "view", ts=6) == [] and eng.stats()["events"] == 6
 
 
+def test_new_users_one_event_at_a_time_match_a_batch(make_engine):
+    one, batch = make_engine(seed=3), make_engine(seed=3)
+    for eng in (one, batch):
+        eng.add_segments({"hold": "bucket(0, 4999)", "seen": "seen",
+                          "vip": 'trait.tier == "gold"'})
+        eng.set_traits(7, {"tier": "gold"})          # a user known before its first event
+    for u in range(40):
+        one.track(u, "x", ts=u, props={"n": u})
+    batch.track_many(user=list(range(40)), event=["x"] * 40, ts=list(range(40)))
+    for name in ("hold", "seen", "vip"):
+        assert list(one.members(name)) == list(batch.members(name)), name
+    assert 0 < one.size("hold") < 40 and one.size("seen") == 40
+    assert one.stats()["users"] == batch.stats()["users"] == 40
+    one.track("ann", "x", ts=50)                     # a string id's number is no int user's
+    assert one.user_number("ann") >= 40 and one.size("seen") == 41
+
+
 def test_bad_json_reports_the_row(make_engine):
     eng = make_engine()
     eng.add_segment("any", "seen")

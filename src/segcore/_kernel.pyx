@@ -2921,12 +2921,24 @@ cdef class IdMap:
         if 2 * (self.used + n) > self.capacity:     # tombstones count until a rehash
             self._grow(self.size + n)
         for i in range(n):
-            s = self._slot(ids[i])
-            if self.vals[s] < 0:
-                self.size += 1
-            self.keys[s] = ids[i]
-            self.vals[s] = dense[i]
-        self.used = max(self.used, self.size)
+            self._put(ids[i], dense[i])
+
+    def put(self, uint32_t key, int64_t dense):
+        """Add one id (not already present) with its dense index."""
+        if dense < 0:
+            raise ValueError("put: dense indices must be >= 0")
+        if 2 * (self.used + 1) > self.capacity:
+            self._grow(self.size + 1)
+        self._put(key, dense)
+
+    cdef inline void _put(self, uint32_t key, int64_t dense) noexcept:
+        cdef int64_t s = self._slot(key)
+        if self.vals[s] < 0:
+            self.size += 1
+        self.keys[s] = key
+        self.vals[s] = dense
+        if self.size > self.used:
+            self.used = self.size
 
     cdef void _grow(self, int64_t need) except *:
         """Rehash into the smallest power of two holding ``need`` keys at load 1/2."""
@@ -2947,8 +2959,8 @@ _NO_PROPS = {}
 
 
 def track_fast(object eng, object user, object event, object ts, object props):
-    """``Engine.track`` (without a message id) for the common case, compiled: a known int
-    user, a known event type, an int ``ts`` in range, ``props`` None or a dict of plain values
+    """``Engine.track`` (without a message id) for the common case, compiled: an int user
+    (created on first sight), a known event type, an int ``ts`` in range, ``props`` None or a dict of plain values
     (str, int, float, None), an engine without a clock and not replaying its log. Returns the
     transitions, or None, having changed nothing, for anything else (the engine's general
     path then validates and applies the event).
@@ -2972,8 +2984,8 @@ def track_fast(object eng, object user, object event, object ts, object props):
     cdef int64_t t = ts
     cdef IdMap ids = eng._int_dense
     cdef int64_t d = ids.vals[ids._slot(<uint32_t>uid)]
-    if d < 0 or user in <dict>eng._str_num:
-        return None
+    if user in <dict>eng._str_num:
+        return None                         # a number given to a string id: an error
     cdef Kernel k = eng._kernel
     if d >= k.n_users:
         return None
@@ -3023,6 +3035,10 @@ def track_fast(object eng, object user, object event, object ts, object props):
     for j, p in keys:
         v = get(p)
         kp[j] = -1 if v is None or v != v else <int64_t>eng._value_code(v)
+    if d < 0:                               # first sight of this user
+        d = eng._create_int_user(uid)
+        if not 0 <= d < k.n_users:
+            raise RuntimeError("track_fast: a new user was not created")
     k._one(<uint32_t>d, code, t, fp, vp, kp)
     cdef dict st = eng._stats
     st["events"] += 1

@@ -754,10 +754,7 @@ class Engine:
             return
         n0 = self._n_users
         need = n0 + len(new)
-        if need > len(self._pub):
-            grown = np.zeros(max(need, 2 * len(self._pub)), dtype=np.uint32)
-            grown[:n0] = self._pub[:n0]
-            self._pub = grown
+        self._reserve_users(need)
         nums = np.empty(len(new), dtype=np.int64)
         batch_ints = None
         for i, u in enumerate(new):
@@ -781,7 +778,6 @@ class Engine:
             else:
                 nums[i] = u
         self._n_users = need
-        self._traits.reserve(need)
         self._pub[n0:need] = nums
         is_int = np.fromiter((not isinstance(u, str) for u in new), dtype=bool, count=len(new))
         if is_int.any():
@@ -798,6 +794,26 @@ class Engine:
                 buckets[i] = bucket_of(new[i], self._seed)
         self._kernel.add_users(len(new), buckets)
         self._all.update(nums.astype(np.uint32))
+
+    def _reserve_users(self, need: int) -> None:
+        """Room for ``need`` users in the public-number column and the trait store."""
+        if need > len(self._pub):
+            grown = np.zeros(max(need, 2 * len(self._pub)), dtype=np.uint32)
+            grown[: self._n_users] = self._pub[: self._n_users]
+            self._pub = grown
+        self._traits.reserve(need)
+
+    def _create_int_user(self, u: int) -> int:
+        """:meth:`_create_users` for one int id (a new visitor's first event); returns its
+        dense index."""
+        n0 = self._n_users
+        self._reserve_users(n0 + 1)
+        self._n_users = n0 + 1
+        self._pub[n0] = u
+        self._int_dense.put(u, n0)
+        self._kernel.add_users(1, np.array([bucket_of(u, self._seed)], dtype=np.int32))
+        self._all.add(u)
+        return n0
 
     # ------------------------------------------------------------------ segments
     def add_segment(self, name: str, rule) -> Transitions:
