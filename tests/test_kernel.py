@@ -268,3 +268,19 @@ def test_id_map_finds_every_id_and_grows_to_half_load():
     assert m.get(int(ids[7])) == -1 and m.get(int(ids[8])) == 8 and m.size == len(ids) - 1
     missing = np.setdiff1d(np.arange(10_000, dtype=np.uint32), ids)[:50]
     assert (m.lookup(missing) == -1).all()
+
+
+def test_an_engine_subclass_keeps_its_own_track():
+    calls = []
+
+    class Counting(segcore.Engine):
+        def track(self, *args, **kwargs):
+            calls.append(args)
+            return super().track(*args, **kwargs)
+
+    eng = Counting()
+    eng.add_segment("recent", "did(x, 1h)")
+    assert [t.segment for t in eng.track(1, "x", ts=1)] == ["recent"]
+    assert calls == [(1, "x")] and eng.size("recent") == 1
+    plain = segcore.Engine()                # its track is the compiled entry, bound to it
+    assert plain.track.__self__ is plain and plain.track(1, "x", ts=1) == []

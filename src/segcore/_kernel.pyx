@@ -2958,7 +2958,23 @@ _PLAIN = (str, int, float, type(None))
 _NO_PROPS = {}
 
 
+def track_entry(object eng, object user, object event, object ts=None, object props=None,
+                object id=None):
+    """``Engine.track``: the compiled short path below, else the engine's general path."""
+    cdef object out
+    if id is None:
+        out = _track_fast(eng, user, event, ts, props)
+        if out is not None:
+            return out
+    return eng._track_general(user, event, ts, props, id)
+
+
 def track_fast(object eng, object user, object event, object ts, object props):
+    """:func:`_track_fast`, from Python."""
+    return _track_fast(eng, user, event, ts, props)
+
+
+cdef object _track_fast(object eng, object user, object event, object ts, object props):
     """``Engine.track`` (without a message id) for the common case, compiled: an int user
     (created on first sight), a known event type, an int ``ts`` in range, ``props`` None or a dict of plain values
     (str, int, float, None), an engine without a clock and not replaying its log. Returns the
@@ -3047,3 +3063,4 @@ def track_fast(object eng, object user, object event, object ts, object props):
     if k.tr_u.size() or k.fi_u.size():
         return eng._drain_list()
     return []
+

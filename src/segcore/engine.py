@@ -37,7 +37,7 @@ from pyroaring import BitMap, FrozenBitMap
 from . import rules as R
 from . import wal as _wal
 from ._kernel import IdMap, Kernel
-from ._kernel import track_fast as _track_fast
+from ._kernel import track_entry as _track_entry
 from .compile import (DAY_MS, MAX_CONVERT_EVENTS, Plan, PredictSpec, compile_segments,
                       feature_map)
 from . import predict as _predict
@@ -530,6 +530,8 @@ class Engine:
                  predictive: bool | Mapping[str, Any] | None = None):
         if clock is not None and not callable(clock):
             raise SegcoreError("clock must be a callable returning seconds (like time.time)")
+        if type(self).track is Engine.track:     # (a subclass's own track stays in charge)
+            self.track = types.MethodType(_track_entry, self)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SegcoreError("seed must be an int")
         self._clock = clock
@@ -1266,11 +1268,15 @@ class Engine:
         ``ts`` is ms since the epoch or a datetime (default: now). ``props`` are the event's
         properties (str, number, bool or None). ``id`` is an optional message id: a repeated
         id within the dedup horizon is ignored (and counted in ``stats()["duplicates"]``).
+
+        The common case (an int user, a known event type, plain property values, no clock,
+        no id) runs compiled (``_kernel.track_entry``, which an engine also installs as its
+        own ``track`` attribute, saving this Python frame); everything else comes here.
         """
-        if id is None:
-            out = _track_fast(self, user, event, ts, props)     # the common case, compiled
-            if out is not None:
-                return out
+        return _track_entry(self, user, event, ts, props, id)
+
+    def _track_general(self, user, event, ts, props, id) -> list[Transition]:
+        """:meth:`track` for what the compiled short path does not take."""
         if props is None:
             props = {}
         elif not isinstance(props, Mapping):
