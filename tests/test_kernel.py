@@ -86,8 +86,9 @@ def test_kernel_rejects_a_corrupt_plan():
     codes = {}
     plan = compile_segments({"a": "count(x, 10ms) >= 2"},
                             lambda n: codes.setdefault(n, len(codes)))
+    shifted = [x + 5 for x in plan.arrays["es_start"]]     # the index must start at 0
     for key, bad in [("f_ioff", [999]), ("p_arg", [42]), ("lst_feat", [-3]),
-                     ("f_kind", [77]), ("p_op", [9]), ("a_f", [5])]:
+                     ("f_kind", [77]), ("p_op", [9]), ("a_f", [5]), ("es_start", shifted)]:
         arrays = dict(plan.arrays)
         arrays[key] = bad
         with pytest.raises(ValueError, match="plan"):
@@ -284,3 +285,23 @@ def test_an_engine_subclass_keeps_its_own_track():
     assert calls == [(1, "x")] and eng.size("recent") == 1
     plain = segcore.Engine()                # its track is the compiled entry, bound to it
     assert plain.track.__self__ is plain and plain.track(1, "x", ts=1) == []
+
+
+def test_id_map_reuses_room_after_removals():
+    from segcore._kernel import IdMap
+    m = IdMap(16)
+    for i in range(5000):                   # put/remove churn: tombstones force rehashes
+        m.put(100 + i, i)
+        m.remove(100 + i)
+    assert m.size == 0 and m.capacity <= 64
+    m.put(7, 3)
+    assert m.get(7) == 3 and m.get(100) == -1
+
+
+def test_engine_churn_of_new_and_forgotten_users_keeps_working():
+    eng = segcore.Engine()
+    eng.add_segment("buyers", "count(purchase) >= 1")
+    for i in range(3000):
+        eng.track(10_000 + i, "purchase", ts=i)
+        eng.forget(10_000 + i)
+    assert eng.stats()["users"] == 0 and eng.size("buyers") == 0

@@ -468,6 +468,24 @@ def test_new_users_one_event_at_a_time_match_a_batch(make_engine):
     assert one.user_number("ann") >= 40 and one.size("seen") == 41
 
 
+def test_a_number_too_large_for_a_float_is_rejected_and_changes_nothing(make_engine):
+    eng = make_engine()
+    eng.add_segment("ltv", "sum(purchase.amount) >= 1")
+    eng.track(1, "purchase", ts=1, props={"amount": 0.5})
+    before = eng.stats()
+    for user in (1, 2):                      # a known user, and one not yet seen
+        with pytest.raises(EventError) as e:
+            eng.track(user, "purchase", ts=2, props={"amount": 10 ** 400})
+        assert e.value.field == "props.amount" and "fit in a float" in e.value.reason
+    with pytest.raises(EventError) as e:
+        eng.track_many(user=[1, 3], event=["purchase"] * 2, ts=[2, 3],
+                       props={"amount": [1, 2 ** 1024]})
+    assert (e.value.index, e.value.field) == (1, "props.amount")
+    assert eng.stats() == before and eng.now == 1 and list(eng.members("ltv")) == []
+    eng.track(1, "view", ts=4, props={"amount": 10 ** 400})     # no rule reads it here
+    assert eng.stats()["events"] == 2
+
+
 def test_bad_json_reports_the_row(make_engine):
     eng = make_engine()
     eng.add_segment("any", "seen")

@@ -183,6 +183,8 @@ def test_hostile_but_well_signed_files_raise(blob):
         with_meta(segments=meta["segments"][1:]),
         with_meta(str_users=[[5, "x"], [5, "y"]]),
         with_meta(event_names=meta["event_names"][:1]),
+        with_meta(event_counts=[]),
+        with_meta(event_counts=[-1] * len(meta["event_counts"])),
         with_meta(sections=meta["sections"] + [{"name": "k:istate", "dtype": "i8",
                                                "offset": 0, "length": 1}]),
         with_meta(sections=[dict(s, offset=10**15) if s["name"] == "k:wake" else s

@@ -206,6 +206,14 @@ class Journey:
 
 
 # --------------------------------------------------------------------------- input checks
+def _fits_float(v: int) -> bool:
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
+
+
 def _scalar(v):
     """numpy scalars -> Python objects (datetime64 is handled by :func:`_ts`)."""
     if isinstance(v, np.generic) and not isinstance(v, np.datetime64):
@@ -1039,6 +1047,10 @@ class RefEngine:
                 raise EventError(f"`{event}.{prop}` must be a number (int or float) because "
                                  f"{why}, got "
                                  f"{type(clean[prop]).__name__}", index=index,
+                                 field=f"props.{prop}")
+            if prop in clean and type(clean[prop]) is int and not _fits_float(clean[prop]):
+                raise EventError(f"`{event}.{prop}` must fit in a float, got an int of "
+                                 f"{clean[prop].bit_length()} bits", index=index,
                                  field=f"props.{prop}")
         id = _scalar(id)
         if id is not None and (isinstance(id, bool) or not isinstance(id, (str, int))):

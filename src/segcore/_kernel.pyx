@@ -566,7 +566,7 @@ cdef class Kernel:
         for i in range(self.ex_seg.shape[0]):
             if not 0 <= self.ex_seg[i] < self.n_seg:
                 raise ValueError("plan: bad journey exit")
-        if self.es_start.shape[0] != self.n_codes + 2:
+        if self.es_start.shape[0] != self.n_codes + 2 or self.es_start[0] != 0:
             raise ValueError("plan: segment index has the wrong length")
         for i in range(self.n_codes + 1):
             if not 0 <= self.es_start[i] <= self.es_start[i + 1] <= self.es_list.shape[0]:
@@ -2933,12 +2933,12 @@ cdef class IdMap:
 
     cdef inline void _put(self, uint32_t key, int64_t dense) noexcept:
         cdef int64_t s = self._slot(key)
+        if self.vals[s] == -1:
+            self.used += 1                  # a never-used slot (tombstones stay used)
         if self.vals[s] < 0:
             self.size += 1
         self.keys[s] = key
         self.vals[s] = dense
-        if self.size > self.used:
-            self.used = self.size
 
     cdef void _grow(self, int64_t need) except *:
         """Rehash into the smallest power of two holding ``need`` keys at load 1/2."""
@@ -3000,14 +3000,17 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
     cdef int64_t t = ts
     cdef IdMap ids = eng._int_dense
     cdef int64_t d = ids.vals[ids._slot(<uint32_t>uid)]
-    if user in <dict>eng._str_num:
+    if user in eng._str_num:
         return None                         # a number given to a string id: an error
     cdef Kernel k = eng._kernel
     if d >= k.n_users:
         return None
-    cdef tuple tspec = <tuple>spec
+    cdef tuple tspec = spec
+    if len(tspec) != 4:
+        return None
     cdef int32_t code = tspec[0]
-    if code < 0:
+    cdef list counts = eng._event_counts
+    if code < 0 or code >= len(counts):
         return None
     cdef list filters = tspec[1]
     cdef list vals = tspec[2]
@@ -3035,20 +3038,28 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
             if type(kk) is not str or type(v) not in _PLAIN:
                 return None
         for j, p in vals:
+            if not 0 <= j < k.n_val:
+                return None
             v = pd.get(p)
             if v is None:
                 continue
             elif type(v) is str:
                 return None                 # not a number: the general path says so
-            else:
+            try:
                 x = v
-                vp[j] = x
+            except OverflowError:
+                return None                 # (an int too large for a float: likewise)
+            vp[j] = x
         get = pd.get
     else:
         get = _NO_PROPS.get
     for j, test in filters:
+        if not 0 <= j < k.n_filter:
+            return None
         fp[j] = 1 if test(get) else 0
     for j, p in keys:
+        if not 0 <= j < k.n_key:
+            return None
         v = get(p)
         kp[j] = -1 if v is None or v != v else <int64_t>eng._value_code(v)
     if d < 0:                               # first sight of this user
@@ -3059,7 +3070,7 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
     cdef dict st = eng._stats
     st["events"] += 1
     st["batches"] += 1
-    (<list>eng._event_counts)[code] += 1
+    counts[code] += 1
     if k.tr_u.size() or k.fi_u.size():
         return eng._drain_list()
     return []

@@ -228,6 +228,20 @@ def _is_missing(v) -> bool:
     return v is None or (isinstance(v, float) and v != v)
 
 
+def _as_float(v) -> float | None:
+    """A number as a float, or None for an int too large for one."""
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
+def _too_large(prop: str, event: str, v, index: int | None = None) -> EventError:
+    return EventError(f"`{prop}` of `{event}` events must fit in a float (it is aggregated), "
+                      f"got an int of {int(v).bit_length()} bits", index=index,
+                      field=f"props.{prop}")
+
+
 def _is_num(v) -> bool:
     """Numbers are ints and floats; bools count as numbers (true is 1, false is 0)."""
     return isinstance(v, (int, float, np.integer, np.floating, np.bool_)) and not isinstance(
@@ -1299,6 +1313,8 @@ class Engine:
             if v is not None and not _is_num(v):
                 raise EventError(f"`{p}` of `{event}` events must be a number (it is "
                                  f"aggregated), got {type(v).__name__}", field=f"props.{p}")
+            if v is not None and _as_float(v) is None:
+                raise _too_large(p, event, v)
         if id is not None:
             if not isinstance(id, (str, int)) or isinstance(id, bool):
                 raise EventError(f"a message id must be a string or int, got "
@@ -1588,7 +1604,13 @@ class Engine:
                 if _is_missing(v):
                     continue
                 if _is_num(v):
-                    vals[i, j] = float(v)
+                    x = _as_float(v)
+                    if x is not None:
+                        vals[i, j] = x
+                    elif need[i]:
+                        ev = names[inv[i]] if names is not None else \
+                            self._event_names[ecodes[i]]
+                        raise _too_large(p, ev, v, None if single else i)
                 elif need[i]:
                     ev = names[inv[i]] if names is not None else self._event_names[ecodes[i]]
                     raise EventError(f"`{p}` of `{ev}` events must be a number (it is "

@@ -343,6 +343,8 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
             raise _fail("duplicate or empty event type")
     if len(eng._event_names) != len(meta.event_names):
         raise _fail("the event types do not match the engine options")
+    if len(meta.event_counts) != len(meta.event_names) or min(meta.event_counts, default=0) < 0:
+        raise _fail("the event counts do not match the event types")
     names = [n for n, _ in meta.segments]
     asts = {}
     for name, text in meta.segments:
