@@ -215,3 +215,15 @@ def test_restoring_garbage_inputs():
     for bad in (None, 5, "no/such/file.snap"):
         with pytest.raises((SnapshotError, TypeError)):
             segcore.Engine.restore(bad)
+
+
+def test_numpy_strings_in_a_keyed_batch_are_interned_as_plain_strings():
+    eng = segcore.Engine()
+    eng.add_segment("carts", "abandoned(cart, buy, 1h) by cid")
+    eng.track_many(user=[1, 2], event=["cart", "cart"], ts=[1, 2],
+                   props={"cid": np.array([np.str_("x"), np.str_("y")], dtype=object)})
+    buf = io.BytesIO()
+    eng.snapshot(buf)
+    twin = segcore.Engine.restore(io.BytesIO(buf.getvalue()))
+    assert twin.advance(3_600_002).to_list() == eng.advance(3_600_002).to_list()
+    assert list(twin.members("carts")) == [1, 2]

@@ -1621,7 +1621,7 @@ class Engine:
             if col is None:
                 continue
             uvals, uinv = _factorize_checked(col, f"props.{p}")
-            codes = np.array([-1 if v is None else self._value_code(v) for v in uvals],
+            codes = np.array([-1 if v is None else self._value_code(_norm(v)) for v in uvals],
                              dtype=np.int64)
             keys[:, j] = codes[uinv] if len(uvals) else -1
         return fpass.reshape(-1), vals.reshape(-1), keys.reshape(-1)
