@@ -7,21 +7,16 @@ import msgspec
 import numpy as np
 import pytest
 
-from workloads import REF_EVENTS, columns, new_engine, record, stream, timed, vs_reference
+from workloads import (REF_EVENTS, columns, new_engine, on_fresh_engines, pass_rounds, record,
+                       stream, timed, vs_reference)
 from segcore.synth import recompute
 
 
 @pytest.mark.parametrize("batch", [1_000, 10_000, 100_000])
 def test_track_many(benchmark, workload, batch):
     """A whole pass of the workload (transitions and time expiry included), fresh engine."""
-    eng_box = {}
-
-    def setup():
-        eng_box["eng"] = new_engine(workload)
-        return (), {}
-
-    benchmark.pedantic(lambda: stream(eng_box["eng"], workload, batch), setup=setup,
-                       rounds=3 if len(workload) <= 1_000_000 else 1)
+    on_fresh_engines(benchmark, lambda: new_engine(workload),
+                     lambda eng: stream(eng, workload, batch), pass_rounds(workload))
     if benchmark.stats:
         record(benchmark, events=len(workload),
                events_per_s=len(workload) / benchmark.stats.stats.median)
@@ -40,14 +35,8 @@ def test_track_many_vs_numpy_recompute(benchmark, workload):
     recompute of the same segments from scratch (end state only)."""
     now = int(workload.ts.max())
     np_s = timed(lambda: recompute(workload, now))
-    box = {}
-
-    def setup():
-        box["eng"] = new_engine(workload)
-        return (), {}
-
-    benchmark.pedantic(lambda: stream(box["eng"], workload, 100_000), setup=setup,
-                       rounds=3 if len(workload) <= 1_000_000 else 1)
+    on_fresh_engines(benchmark, lambda: new_engine(workload),
+                     lambda eng: stream(eng, workload, 100_000), pass_rounds(workload))
     if benchmark.stats:
         k = benchmark.stats.stats.median
         record(benchmark, numpy_recompute_s=np_s, pass_s=k, ratio_pass_to_recompute=k / np_s)
@@ -100,14 +89,8 @@ def test_track_json(benchmark, workload):
             p["category"] = cat[i]
         docs.append({"user": u, "event": e, "ts": t, "props": p})
     chunks = [msgspec.json.encode(docs[i:i + 10_000]) for i in range(0, len(docs), 10_000)]
-    box = {}
-
-    def setup():
-        box["eng"] = new_engine(part)
-        return (), {}
-
-    benchmark.pedantic(lambda: [box["eng"].track_json(c) for c in chunks], setup=setup,
-                       rounds=3)
+    on_fresh_engines(benchmark, lambda: new_engine(part),
+                     lambda eng: [eng.track_json(c) for c in chunks], 3)
     if benchmark.stats:
         record(benchmark, events=len(part),
                events_per_s=len(part) / benchmark.stats.stats.median,

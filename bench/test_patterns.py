@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import segcore
-from workloads import REF_EVENTS, new_engine, record, vs_reference
+from workloads import REF_EVENTS, new_engine, on_fresh_engines, pass_rounds, record, vs_reference
 
 PATTERN_SEGMENTS = {
     "funnel": "seq(product_view, add_to_cart, purchase within 1d, 30d)",
@@ -43,14 +43,8 @@ def pattern_stream(eng, w, batch):
 def test_track_many_patterns(benchmark, workload, patterns):
     """A whole pass in batches of 10k: the default segments, then with the eight pattern
     segments added (the cost of sessions, sequences, local time and mode)."""
-    box = {}
-
-    def setup():
-        box["eng"] = pattern_engine(workload, patterns=patterns)
-        return (), {}
-
-    benchmark.pedantic(lambda: pattern_stream(box["eng"], workload, 10_000), setup=setup,
-                       rounds=3 if len(workload) <= 1_000_000 else 1)
+    on_fresh_engines(benchmark, lambda: pattern_engine(workload, patterns=patterns),
+                     lambda eng: pattern_stream(eng, workload, 10_000), pass_rounds(workload))
     if benchmark.stats:
         record(benchmark, events=len(workload),
                events_per_s=len(workload) / benchmark.stats.stats.median)

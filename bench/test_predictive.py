@@ -7,7 +7,7 @@ import pytest
 
 import segcore
 from segcore import predict as P
-from workloads import REF_EVENTS, new_engine, record, vs_reference
+from workloads import REF_EVENTS, new_engine, on_fresh_engines, pass_rounds, record, vs_reference
 
 #: CDNOW's published estimates with alpha in days; a plausible convert model
 MODEL = P.PredictiveModel(
@@ -43,18 +43,12 @@ def stream(eng, w, batch):
 def test_track_many_predictive(benchmark, workload, mode):
     """A whole pass in batches of 10k: default segments; + predictive statistics; + the three
     predictive segments with a model."""
-    box = {}
-
-    def setup():
-        box["eng"] = predictive_engine(workload, mode=mode)
-        return (), {}
-
-    benchmark.pedantic(lambda: stream(box["eng"], workload, 10_000), setup=setup,
-                       rounds=3 if len(workload) <= 1_000_000 else 1)
+    eng = on_fresh_engines(benchmark, lambda: predictive_engine(workload, mode=mode),
+                           lambda eng: stream(eng, workload, 10_000), pass_rounds(workload))
     if benchmark.stats:
         record(benchmark, events=len(workload),
                events_per_s=len(workload) / benchmark.stats.stats.median,
-               memory_bytes=box["eng"].stats()["memory_bytes"])
+               memory_bytes=eng.stats()["memory_bytes"])
 
 
 def test_predictive_vs_reference(benchmark, workload):

@@ -57,19 +57,32 @@ def record(benchmark, **info):
         benchmark.extra_info[k] = round(v, 4) if isinstance(v, float) else v
 
 
+def on_fresh_engines(benchmark, make, run, rounds):
+    """Benchmark ``run(engine)`` for ``rounds`` rounds, each on a fresh ``make()`` built
+    outside the timing; returns the last engine."""
+    box = {}
+
+    def setup():
+        box["eng"] = make()
+        return (), {}
+
+    benchmark.pedantic(lambda: run(box["eng"]), setup=setup, rounds=rounds)
+    return box.get("eng")
+
+
+def pass_rounds(w) -> int:
+    """Rounds of a whole pass over ``w``: 3, or 1 past a million events."""
+    return 3 if len(w) <= 1_000_000 else 1
+
+
 def vs_reference(benchmark, part, make, run, rounds=5):
     """Time ``run(engine, part)`` on engines ``make(part, cls)`` of the kernel (benchmarked,
     fresh engine per round) and of the reference engine (once), side by side; records the
     ratio."""
     import segcore_ref
     ref_s = timed(lambda: run(make(part, segcore_ref.RefEngine), part), 1)
-    box = {}
-
-    def setup():
-        box["eng"] = make(part, segcore.Engine)
-        return (), {}
-
-    benchmark.pedantic(lambda: run(box["eng"], part), setup=setup, rounds=rounds)
+    on_fresh_engines(benchmark, lambda: make(part, segcore.Engine), lambda eng: run(eng, part),
+                     rounds)
     if benchmark.stats:
         k = benchmark.stats.stats.median
         record(benchmark, events=len(part), kernel_events_per_s=len(part) / k,

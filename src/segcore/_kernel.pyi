@@ -54,9 +54,9 @@ class Kernel:
         u: int,
         e: int,
         ts: int,
-        fpass: npt.NDArray[np.uint8] | None = ...,
-        vals: npt.NDArray[np.float64] | None = ...,
-        keys: npt.NDArray[np.int64] | None = ...,
+        fpass: npt.NDArray[np.uint8],
+        vals: npt.NDArray[np.float64],
+        keys: npt.NDArray[np.int64],
     ) -> int: ...
     def member_bits(
         self, uidx: npt.NDArray[np.uint32], seg: npt.NDArray[np.int32]
@@ -126,7 +126,6 @@ class IdMap:
     def insert(self, ids: npt.NDArray[np.uint32], dense: npt.NDArray[np.int64]) -> None: ...
     def put(self, key: int, dense: int) -> None: ...
 
-def track_fast(eng: Any, user: Any, event: Any, ts: Any, props: Any) -> Any: ...
 def track_entry(
     eng: Any, user: Any, event: Any, ts: Any = ..., props: Any = ..., id: Any = ...
 ) -> Any: ...

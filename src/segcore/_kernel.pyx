@@ -248,12 +248,9 @@ cdef class Kernel:
     # (with the segments referring to those); pred_segs: those reading a predictive score
     cdef int32_t[::1] tf_start, tf_segs, ta_start, ta_segs, pred_segs
     cdef vector[uint8_t] tmark
-    cdef vector[uint8_t] one_f      # the row track_fast fills
+    cdef vector[uint8_t] one_f      # the property row _track_fast fills
     cdef vector[double] one_v
     cdef vector[int64_t] one_k
-    cdef vector[uint8_t] no_f       # a row of no property: no filter passed,
-    cdef vector[double] no_v        # no numbers,
-    cdef vector[int64_t] no_k       # no keys
     cdef vector[int32_t] tsegs
     cdef int32_t[::1] a_kind, a_op, a_f, a_t0, a_t1, a_t2, a_t3, a_s
     cdef double[::1] a_k
@@ -394,9 +391,9 @@ cdef class Kernel:
         self._check_plan()
         self._wake_index()
         self.wheel.resize(WHEEL_N)
-        self.no_f.assign(max(self.n_filter, 1), 0)
-        self.no_v.assign(max(self.n_val, 1), NAN)
-        self.no_k.assign(max(self.n_key, 1), -1)
+        self.one_f.resize(max(self.n_filter, 1))
+        self.one_v.resize(max(self.n_val, 1))
+        self.one_k.resize(max(self.n_key, 1))
         self.n_users = 0
         self.cap = 0
         self.now = 0
@@ -2187,40 +2184,20 @@ cdef class Kernel:
                            self.es_start[c + 1] - self.es_start[c], c, chg)
         return self.tr_u.size()
 
-    def track_one(self, uint32_t u, int32_t e, int64_t ts, fpass=None, vals=None, keys=None):
-        """One event (the single-event fast path): same contract as :meth:`track`, with the
-        row's property columns as 1-d buffers; None stands for a row of no filter passed, no
-        numbers and no keys (an event type that reads no property)."""
-        cdef const uint8_t[::1] mf
-        cdef const double[::1] mv
-        cdef const int64_t[::1] mk
-        cdef const uint8_t* fp = self.no_f.data()
-        cdef const double* vp = self.no_v.data()
-        cdef const int64_t* kp = self.no_k.data()
+    def track_one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t[::1] fpass not None,
+                  const double[::1] vals not None, const int64_t[::1] keys not None):
+        """One event: same contract as :meth:`track`, with the row's property columns as
+        1-d buffers."""
         if u >= self.n_users:
             raise ValueError(f"track_one: user index {u} out of range")
         if ts < 0 or ts >= (<int64_t>1 << 48) or e < 0:
             raise ValueError("track_one: bad event code or ts")
-        if fpass is not None:
-            mf = fpass
-            if mf.shape[0] < self.n_filter:
-                raise ValueError("track_one: property columns have the wrong size")
-            if self.n_filter:
-                fp = &mf[0]
-        if vals is not None:
-            mv = vals
-            if mv.shape[0] < self.n_val:
-                raise ValueError("track_one: property columns have the wrong size")
-            if self.n_val:
-                vp = &mv[0]
-        if keys is not None:
-            mk = keys
-            if mk.shape[0] < self.n_key:
-                raise ValueError("track_one: property columns have the wrong size")
-            if self.n_key:
-                kp = &mk[0]
+        if fpass.shape[0] < self.n_filter or vals.shape[0] < self.n_val or \
+                keys.shape[0] < self.n_key:
+            raise ValueError("track_one: property columns have the wrong size")
         # (no GIL release: it would cost more than one event's work)
-        self._one(u, e, ts, fp, vp, kp)
+        self._one(u, e, ts, &fpass[0] if self.n_filter else NULL,
+                  &vals[0] if self.n_val else NULL, &keys[0] if self.n_key else NULL)
         return self.tr_u.size()
 
     cdef void _one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp, const double* vp,
@@ -2969,11 +2946,6 @@ def track_entry(object eng, object user, object event, object ts=None, object pr
     return eng._track_general(user, event, ts, props, id)
 
 
-def track_fast(object eng, object user, object event, object ts, object props):
-    """:func:`_track_fast`, from Python."""
-    return _track_fast(eng, user, event, ts, props)
-
-
 cdef object _track_fast(object eng, object user, object event, object ts, object props):
     """``Engine.track`` (without a message id) for the common case, compiled: an int user
     (created on first sight), a known event type, an int ``ts`` in range, ``props`` None or a dict of plain values
@@ -3019,10 +2991,6 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
     cdef object kk, v, get
     cdef Py_ssize_t j
     cdef double x
-    if k.one_f.size() < <size_t>max(k.n_filter, 1):
-        k.one_f.assign(max(k.n_filter, 1), 0)
-        k.one_v.assign(max(k.n_val, 1), NAN)
-        k.one_k.assign(max(k.n_key, 1), -1)
     cdef uint8_t* fp = k.one_f.data()
     cdef double* vp = k.one_v.data()
     cdef int64_t* kp = k.one_k.data()

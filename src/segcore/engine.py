@@ -635,7 +635,7 @@ class Engine:
     def _set_plan(self, plan: Plan) -> None:
         self._plan = plan
         self._inputs_cache: dict = {}
-        self._fast: dict = {}       # event type -> its inputs for _kernel.track_fast
+        self._fast: dict = {}       # event type -> its inputs for _kernel.track_entry
         self._one_bufs = (np.zeros(max(1, len(plan.filters)), np.uint8),
                           np.full(max(1, len(plan.val_props)), np.nan, np.float64),
                           np.full(max(1, len(plan.key_props)), -1, np.int64))
@@ -1356,7 +1356,7 @@ class Engine:
         return self._drain_list() if pending or self._kernel.pending_firings else []
 
     def _fast_spec(self, event: str):
-        """(code, filters, values, keys) of an event type for ``_kernel.track_fast``, or False
+        """(code, filters, values, keys) of an event type for ``_kernel.track_entry``, or False
         when its events take the general path (where-clauses reading local time); None
         (uncached) for a type not interned yet."""
         code = self._codes.get(event)
