@@ -263,3 +263,45 @@ def test_compiled_where_clauses_decide_like_the_tree_walk(text, props):
     from segcore.rules import parse
     where = parse(f"count(x where {text}) >= 1").left.where
     assert compile_cond_scalar(where)(props.get) == eval_cond_scalar(where, props.get)
+
+
+PLAIN = ["s", "t", "", 0, 1, 2, 3, 2.5, -1.0, -0.0, float("nan"), float("inf"), -float("inf"),
+         None, 1000, 2 ** 53, 2 ** 53 + 1, -(2 ** 53) - 1, 2 ** 70, True, 1e300, "2.5"]
+FAST_WHERES = WHERES + ["a > 9007199254740992", "a == 9007199254740993", "a <= 1e300",
+                        "a < -9007199254740993", "a != 0", "a >= -0.5", "a > 2.5",
+                        "a <= 2.5", "a == 2.5", "a != 2.5"]
+
+
+def test_single_events_decide_where_clauses_like_the_reference():
+    """``Engine.track``'s compiled path decides the common leaves (a property against a
+    string, or a number exact as a double) in C and hands every other value to the compiled
+    closure: every clause against every value (one user per value, one event each) gives the
+    reference engine's memberships."""
+    for text in FAST_WHERES:
+        a, b = segcore.Engine(), segcore_ref.RefEngine()
+        rules = {"w": f"count(x where {text}) >= 1"}
+        _check_same(a, b, a.add_segments(rules), b.add_segments(rules), "add_segments")
+        user = 0
+        for va in PLAIN + ["-"]:
+            for vb in ("-", "t", 3):
+                props = {k: v for k, v in (("a", va), ("b", vb)) if v != "-"}
+                _check_same(a, b, a.track(user, "x", ts=user, props=props),
+                            b.track(user, "x", ts=user, props=props), f"{text}: {props}")
+                user += 1
+        assert a.size("w") == b.size("w") and 0 < a.size("w") < user, text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(FAST_WHERES),
+       st.lists(st.fixed_dictionaries({}, optional={"a": st.sampled_from(PLAIN),
+                                                    "b": st.sampled_from(PLAIN)}),
+                min_size=1, max_size=6))
+def test_single_event_sequences_match_the_reference(text, rows):
+    """The same, one user, a windowed count too, events in sequence."""
+    a, b = segcore.Engine(), segcore_ref.RefEngine()
+    rules = {"w": f"count(x where {text}) >= 1", "w2": f"count(x where {text}, 3ms) >= 2"}
+    _check_same(a, b, a.add_segments(rules), b.add_segments(rules), "add_segments")
+    for i, props in enumerate(rows):
+        _check_same(a, b, a.track(1, "x", ts=i, props=props), b.track(1, "x", ts=i, props=props),
+                    f"event {i} {props}")
+    assert a.stats()["events"] == b.stats()["events"] == len(rows)

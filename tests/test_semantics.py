@@ -750,3 +750,14 @@ def test_alias_merges_profiles(make_engine):
     with pytest.raises(EventError):
         eng.alias(42, 42)
     assert list(eng.alias(42, "nobody")) == []
+
+
+def test_single_events_and_batches_are_counted_alike(make_engine):
+    eng = make_engine()
+    eng.add_segment("s", 'count(view where cat == "x") >= 2')
+    for t in range(5):
+        eng.track(t % 2, "view", ts=t, props={"cat": "x"})
+        assert eng.stats()["events"] == t + 1
+    eng.track_many(user=[1, 2], event=["view", "view"], ts=[6, 7])
+    eng.track(3, "view", ts=8)
+    assert eng.stats()["events"] == 8 and eng.stats()["transitions"] == 2

@@ -227,3 +227,18 @@ def test_numpy_strings_in_a_keyed_batch_are_interned_as_plain_strings():
     twin = segcore.Engine.restore(io.BytesIO(buf.getvalue()))
     assert twin.advance(3_600_002).to_list() == eng.advance(3_600_002).to_list()
     assert list(twin.members("carts")) == [1, 2]
+
+
+def test_single_events_are_counted_through_snapshot_and_restore():
+    eng = segcore.Engine()
+    eng.add_segment("s", 'count(view where cat == "x") >= 2')
+    for t in range(5):
+        eng.track(t % 2, "view", ts=t, props={"cat": "x"})
+    eng.track_many(user=[1, 2], event=["view", "view"], ts=[6, 7])
+    buf = io.BytesIO()
+    eng.snapshot(buf)
+    back = segcore.Engine.restore(io.BytesIO(buf.getvalue()))
+    assert (back.stats()["events"], back.stats()["batches"]) == (7, 6)
+    back.track(3, "view", ts=8)
+    assert (back.stats()["events"], back.stats()["batches"]) == (8, 7)
+    assert (eng.stats()["events"], eng.stats()["batches"]) == (7, 6)

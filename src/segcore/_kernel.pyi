@@ -126,6 +126,23 @@ class IdMap:
     def insert(self, ids: npt.NDArray[np.uint32], dense: npt.NDArray[np.int64]) -> None: ...
     def put(self, key: int, dense: int) -> None: ...
 
+@final
+class FastState:
+    """The engine state the compiled single-event path reads on every call."""
+
+    kernel: Kernel | None
+    ids: IdMap | None
+    str_num: dict[int, str] | None
+    specs: dict[str, Any] | None
+    counts: list[int] | None
+    values: dict[Any, int] | None
+    clock: Any
+    replaying: bool
+    @property
+    def stats(self) -> dict[str, int]: ...
+    @stats.setter
+    def stats(self, value: dict[str, int]) -> None: ...
+
 def track_entry(
     eng: Any, user: Any, event: Any, ts: Any = ..., props: Any = ..., id: Any = ...
 ) -> Any: ...

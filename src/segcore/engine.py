@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import math
+import operator
 import re
 import types
 from collections import deque
@@ -36,7 +37,7 @@ from pyroaring import BitMap, FrozenBitMap
 
 from . import rules as R
 from . import wal as _wal
-from ._kernel import IdMap, Kernel
+from ._kernel import FastState, IdMap, Kernel
 from ._kernel import track_entry as _track_entry
 from .compile import (DAY_MS, MAX_CONVERT_EVENTS, Plan, PredictSpec, compile_segments,
                       feature_map)
@@ -386,6 +387,38 @@ def compile_cond_scalar(cond) -> Callable[[Callable[[str], Any]], bool]:
     return lambda get: test_value(cond, get(name))
 
 
+#: The comparison codes of a fast leaf, as ``_kernel._track_fast`` reads them.
+_LEAF_OPS = {"<": 2, "<=": 3, ">": 4, ">=": 5, "==": 6, "!=": 7}
+
+
+def fast_test(cond):
+    """A where-clause as ``_kernel.track_entry`` runs it: a property compared with a string
+    (``==``/``!=``) or with a number exactly representable as a double becomes a tuple
+    ``(prop, op, const, closure)`` that the compiled path decides in C for a str (resp. int
+    or non-NaN float) value, calling the closure (:func:`compile_cond_scalar`) for anything
+    else; other clauses are the closure itself."""
+    f = compile_cond_scalar(cond)
+    if not (isinstance(cond, R.Compare) and isinstance(cond.left, R.Prop)):
+        return f
+    name = _leaf_name(cond)[1]
+    if isinstance(cond.right, R.Str) and cond.op in ("==", "!="):
+        return (name, 0 if cond.op == "==" else 1, cond.right.value, f)
+    if isinstance(cond.right, (R.Num, R.Dur)) and cond.op in _LEAF_OPS:
+        const = _const(cond.right)
+        if type(const) in (int, float) and math.isfinite(const) and float(const) == const \
+                and abs(const) <= 1 << 53:
+            return (name, _LEAF_OPS[cond.op], float(const), f)
+    return f
+
+
+def _fast_slot(name: str) -> property:
+    """An engine attribute kept in its :class:`~segcore._kernel.FastState`, where the
+    compiled single-event path reads it."""
+    def fset(self, value):
+        setattr(self._fs, name, value)
+    return property(operator.attrgetter("_fs." + name), fset)
+
+
 
 
 # ------------------------------------------------------------------ columns
@@ -544,6 +577,7 @@ class Engine:
                  predictive: bool | Mapping[str, Any] | None = None):
         if clock is not None and not callable(clock):
             raise SegcoreError("clock must be a callable returning seconds (like time.time)")
+        self._fs = FastState()
         if type(self).track is Engine.track:     # (a subclass's own track stays in charge)
             self.track = types.MethodType(_track_entry, self)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -639,6 +673,17 @@ class Engine:
         self._one_bufs = (np.zeros(max(1, len(plan.filters)), np.uint8),
                           np.full(max(1, len(plan.val_props)), np.nan, np.float64),
                           np.full(max(1, len(plan.key_props)), -1, np.int64))
+
+    # the state _kernel.track_entry reads on every call, kept in self._fs
+    _kernel = _fast_slot("kernel")
+    _int_dense = _fast_slot("ids")
+    _str_num = _fast_slot("str_num")
+    _fast = _fast_slot("specs")
+    _event_counts = _fast_slot("counts")
+    _stats = _fast_slot("stats")
+    _values = _fast_slot("values")
+    _clock = _fast_slot("clock")
+    _replaying = _fast_slot("replaying")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -1366,7 +1411,8 @@ class Engine:
             spec = False
         else:
             filters, vals, keys = self._event_inputs(event)
-            spec = (code, filters, vals, keys)
+            spec = (code, [(j, fast_test(self._plan.filters[j])) for j, _ in filters], vals,
+                    keys)
         self._fast[event] = spec
         return spec
 
@@ -2337,9 +2383,13 @@ class Engine:
         meta, arrays = snapshot.merge(mine, snapshot.parse(bytes(data)))
         new = snapshot.rebuild(meta, arrays, derive_bitmaps=True)
         keep = {k: v for k, v in self.__dict__.items() if k in _OWN_ATTRS or k in _LOGGED}
+        slots = {k: getattr(self, k) for k in _OWN_ATTRS if isinstance(
+            getattr(Engine, k, None), property)}        # (kept in self._fs, which is replaced)
         fns = {it.name: it.fn for it in self._items if isinstance(it, TriggerSpec)}
         self.__dict__.update(new.__dict__)
         self.__dict__.update(keep)
+        for k, v in slots.items():
+            setattr(self, k, v)
         for it in self._items:
             if isinstance(it, TriggerSpec):
                 it.fn = fns.get(it.name)
