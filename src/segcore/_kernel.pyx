@@ -2202,6 +2202,21 @@ cdef class Kernel:
                   &vals[0] if self.n_val else NULL, &keys[0] if self.n_key else NULL)
         return self.tr_u.size()
 
+    cdef inline void _prefetch_user(self, uint32_t u) noexcept nogil:
+        """Start fetching every cache line of a user's hot state (its counter row, float row,
+        membership bits and wake-up), so that the misses overlap instead of queueing."""
+        cdef const char* p = <const char*>(self.istate + <int64_t>u * self.istride)
+        cdef int64_t i
+        for i in range(0, self.istride * 8, 64):
+            SEGCORE_PREFETCH(p + i)
+        if self.istride:
+            SEGCORE_PREFETCH(p + self.istride * 8 - 1)
+        p = <const char*>(self.fstate + <int64_t>u * self.fstride)
+        for i in range(0, self.fstride * 8, 64):
+            SEGCORE_PREFETCH(p + i)
+        SEGCORE_PREFETCH(self.members + <int64_t>u * self.mstride)
+        SEGCORE_PREFETCH(self.wake + u)
+
     cdef void _one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp, const double* vp,
                    const int64_t* kp) noexcept nogil:
         """One checked event (u < n_users, 0 <= ts < 2**48, e >= 0, full-width rows)."""
@@ -3019,6 +3034,8 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
     cdef Kernel k = fs.kernel
     if d >= k.n_users:
         return None
+    if d >= 0:
+        k._prefetch_user(<uint32_t>d)       # (in flight while the properties are read)
     cdef tuple tspec = spec
     if len(tspec) != 4:
         return None
