@@ -761,3 +761,25 @@ def test_single_events_and_batches_are_counted_alike(make_engine):
     eng.track_many(user=[1, 2], event=["view", "view"], ts=[6, 7])
     eng.track(3, "view", ts=8)
     assert eng.stats()["events"] == 8 and eng.stats()["transitions"] == 2
+
+
+def test_a_forgotten_user_never_comes_back_through_a_re_evaluation(make_engine):
+    """A forgotten user's slot holds nothing, and re-evaluating everyone (a new segment, a
+    replaced one, traits) must not make it a member of a segment true of "nobody", such as
+    ``not seen`` or a bucket range: it used to come back as user 0."""
+    eng = make_engine()
+    eng.add_segments({"seen": "seen", "quiet": "not did(x, 10ms)"})
+    eng.track(5, "x", ts=1)
+    eng.track("ann", "x", ts=2)
+    eng.track(7, "x", ts=3)
+    assert eng.forget(5) and eng.forget("ann")
+    assert list(eng.add_segment("never", "not seen")) == []
+    assert list(eng.add_segment("all", "bucket(0, 9999)")) == [T(7, "all", True, 3)]
+    assert list(eng.advance(20)) == [T(7, "quiet", True, 13)]
+    assert list(eng.replace_segment("never", "not seen or bucket(0, 9999)")) == \
+        [T(7, "never", True, 20)]
+    eng.set_traits(7, {"tier": "gold"})
+    assert list(eng.add_segment("gold", 'not (trait.tier == "gold")')) == []
+    for name in ("never", "all", "quiet", "seen"):
+        assert list(eng.members(name)) == [7], name
+    assert eng.stats()["users"] == 1

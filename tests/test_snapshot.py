@@ -242,3 +242,25 @@ def test_single_events_are_counted_through_snapshot_and_restore():
     back.track(3, "view", ts=8)
     assert (back.stats()["events"], back.stats()["batches"]) == (8, 7)
     assert (eng.stats()["events"], eng.stats()["batches"]) == (7, 6)
+
+
+def test_forgotten_users_stay_out_of_re_evaluations_after_restore():
+    eng = segcore.Engine()
+    eng.add_segments({"seen": "seen", "quiet": "not did(x, 10ms)"})
+    for u in (5, 6, 7):
+        eng.track(u, "x", ts=u)
+    eng.forget(5)
+    eng.forget(6)
+    buf = io.BytesIO()
+    eng.snapshot(buf)
+    meta, arrays = S.state(eng)
+    d5 = int(np.flatnonzero(arrays["pub"] == 0)[0])
+    assert int(arrays["k:bucket"][d5]) == -1             # the kernel marks the slot erased
+    arrays["k:bucket"][sorted(meta.erased)] = 0          # as snapshots written before the mark
+    for blob in (buf.getvalue(), b"".join(S.encode(meta, arrays))):
+        back = segcore.Engine.restore(io.BytesIO(blob))
+        assert list(back.add_segment("never", "not seen")) == []
+        assert list(back.add_segment("all", "bucket(0, 9999)")) == \
+            [segcore.Transition(7, "all", True, 7)]
+        assert list(back.advance(30)) == [segcore.Transition(7, "quiet", True, 17)]
+        assert back.stats()["users"] == 1 and list(back.members("quiet")) == [7]

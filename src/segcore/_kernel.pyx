@@ -2246,7 +2246,8 @@ cdef class Kernel:
                 raise ValueError("eval_users: user index out of range")
         with nogil:
             for i in range(uidx.shape[0]):
-                self._eval(uidx[i], self.now, &self.all_segs[0], self.n_seg)
+                if self.bucket[uidx[i]] >= 0:         # (not a forgotten user's slot)
+                    self._eval(uidx[i], self.now, &self.all_segs[0], self.n_seg)
         return self.tr_u.size()
 
     def eval_all(self):
@@ -2255,7 +2256,8 @@ cdef class Kernel:
         with nogil:
             for u in range(self.n_users):
                 self.wake[u] = INT64_MAX
-                self._eval(<uint32_t>u, self.now, &self.all_segs[0], self.n_seg)
+                if self.bucket[u] >= 0:               # (not a forgotten user's slot)
+                    self._eval(<uint32_t>u, self.now, &self.all_segs[0], self.n_seg)
             self._rebuild_heap()
         return self.tr_u.size()
 
@@ -2572,7 +2574,7 @@ cdef class Kernel:
             self.jpos[<int64_t>u * self.n_items + j] = -1
         self._pred_forget_crossings(u)
         self.wake[u] = INT64_MAX          # its heap entries are now stale
-        self.bucket[u] = 0
+        self.bucket[u] = -1               # marks the slot erased: eval_all/eval_users skip it
         self.fresh[u] = 0
 
     def set_now(self, int64_t t):

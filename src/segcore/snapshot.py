@@ -405,6 +405,8 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
     if any(not 0 <= d < n for d in erased):
         raise _fail("erased slot out of range")
     eng._erased = erased
+    for d in erased:                # (marks the slots erased in snapshots from before the
+        eng._kernel.forget(d)       # kernel kept that mark; they hold nothing either way)
     alive = np.ones(n, dtype=bool)
     alive[list(erased)] = False
     eng._str_num = dict(meta.str_users)
