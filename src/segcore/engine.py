@@ -1733,7 +1733,8 @@ class Engine:
                 if bm is None:
                     continue
                 if key[lo] & 1:
-                    bm |= _bitmap(users[lo:hi])
+                    bm.update(array.array("I", np.ascontiguousarray(
+                        users[lo:hi], dtype=np.uint32).tobytes()))     # (no BitMap built)
                 else:
                     bm -= _bitmap(users[lo:hi])
         return batch
