@@ -2874,6 +2874,13 @@ cdef class IdMap:
         self.vals = &mv[0]
         self.capacity = cap
 
+    cdef inline void _prefetch(self, uint32_t key) noexcept nogil:
+        """Start fetching the first slot :meth:`_slot` probes for ``key``."""
+        cdef uint64_t h = (<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 17
+        cdef int64_t i = <int64_t>(h & <uint64_t>(self.capacity - 1))
+        SEGCORE_PREFETCH(self.vals + i)
+        SEGCORE_PREFETCH(self.keys + i)
+
     cdef inline int64_t _slot(self, uint32_t key) noexcept nogil:
         cdef uint64_t h = (<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 17
         cdef int64_t mask = self.capacity - 1
@@ -3022,6 +3029,8 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
     if ovf or not 0 <= uid < (<int64_t>1 << 32):
         return None
     cdef FastState fs = eng._fs
+    cdef IdMap ids = fs.ids
+    ids._prefetch(<uint32_t>uid)            # (in flight while the event type is looked up)
     if fs.clock is not None or fs.replaying:
         return None
     cdef object spec = fs.specs.get(event)
@@ -3029,7 +3038,6 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
         spec = eng._fast_spec(event)
     if not spec:
         return None
-    cdef IdMap ids = fs.ids
     cdef int64_t d = ids.vals[ids._slot(<uint32_t>uid)]
     if fs.str_num and user in fs.str_num:
         return None                         # a number given to a string id: an error
