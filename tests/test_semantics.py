@@ -334,6 +334,26 @@ def test_track_json(make_engine):
     assert eng.now == 8
 
 
+@pytest.mark.parametrize("field, value", [
+    ("user", "4294967296"), ("user", "-1"), ("user", str(2 ** 70)), ("user", "true"),
+    ("user", "1.5"), ("ts", "-5"), ("ts", str(2 ** 48)), ("ts", str(2 ** 70)), ("ts", "true"),
+    ("ts", "2.5")])
+def test_track_json_rejects_a_bad_user_or_ts_with_its_row(make_engine, field, value):
+    """Ints columns of a JSON body are taken whole when every value is a plain int; any other
+    value (out of range, too large, a bool, a float) is the same error as in track_many."""
+    eng = make_engine()
+    eng.add_segment("all", "seen")
+    eng.track(1, "x", ts=1)
+    before = eng.stats()
+    row = {"user": "2", "ts": "3"} | {field: value}
+    body = ('[{"user": 1, "event": "x", "ts": 2}, {"user": %s, "event": "x", "ts": %s}]'
+            % (row["user"], row["ts"])).encode()
+    with pytest.raises(EventError) as e:
+        eng.track_json(body)
+    assert (e.value.index, e.value.field) == (1, field)
+    assert eng.stats() == before and list(eng.members("all")) == [1] and eng.now == 1
+
+
 # ------------------------------------------------------------------ ids
 def test_string_ids_get_numbers_counting_down(make_engine):
     eng = make_engine()

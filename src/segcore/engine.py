@@ -503,6 +503,13 @@ def _plain_ints(items: list) -> np.ndarray | None:
         return None
 
 
+def _int_or_object_column(items: list, n: int, field: str) -> np.ndarray:
+    """A list of plain ints as an int64 column at once (what the checks of an object column
+    would make of it), anything else as an object column."""
+    typed = _plain_ints(items)
+    return typed if typed is not None else _as_column(items, n, field)
+
+
 def _as_column(x, n: int, field: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         arr = x
@@ -2571,7 +2578,7 @@ class _TraitStore:
 _Int64 = Annotated[int, msgspec.Meta(ge=-2 ** 63, le=2 ** 63 - 1)]
 
 
-class _EventRow(msgspec.Struct, forbid_unknown_fields=True):
+class _EventRow(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     user: Union[int, str]
     event: str
     ts: Union[int, str]
@@ -2611,9 +2618,9 @@ def _json_columns(data) -> tuple:
     """:func:`_batch_columns` of a ``track_json`` body (a JSON array of event objects)."""
     rows = _decode_events(data)
     n = len(rows)
-    users = _as_column([r.user for r in rows], n, "user")
+    users = _int_or_object_column([r.user for r in rows], n, "user")
     events = _as_column([r.event for r in rows], n, "event")
-    tss = _as_column([r.ts for r in rows], n, "ts")
+    tss = _int_or_object_column([r.ts for r in rows], n, "ts")
     id_list = [r.id for r in rows]
     ids = _as_column(id_list, n, "id") if id_list.count(None) < n else None
     plist = [r.props for r in rows]
