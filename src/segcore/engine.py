@@ -99,7 +99,9 @@ def _logged(method):
     return wrapper
 
 
-class Transition(msgspec.Struct, frozen=True):
+# (gc=False: a transition holds an id, a name, a bool and an int, never a cycle, so the
+# collector need not walk the many that single events and batches hand out)
+class Transition(msgspec.Struct, frozen=True, gc=False):
     """One change of membership: ``user`` entered (or left) ``segment`` at ``ts`` (ms)."""
     user: Union[int, str]
     segment: str
@@ -2578,6 +2580,8 @@ class _TraitStore:
 _Int64 = Annotated[int, msgspec.Meta(ge=-2 ** 63, le=2 ** 63 - 1)]
 
 
+# (gc=False: decoded rows cannot form cycles; tracked, the collections that a 10k-event
+# body's allocations trigger walked every row, ~0.5 µs per event)
 class _EventRow(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     user: Union[int, str]
     event: str
