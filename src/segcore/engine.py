@@ -407,8 +407,7 @@ def fast_test(cond):
         return (name, 0 if cond.op == "==" else 1, cond.right.value, f)
     if isinstance(cond.right, (R.Num, R.Dur)) and cond.op in _LEAF_OPS:
         const = _const(cond.right)
-        if type(const) in (int, float) and math.isfinite(const) and float(const) == const \
-                and abs(const) <= 1 << 53:
+        if type(const) in (int, float) and abs(const) <= 1 << 53 and float(const) == const:
             return (name, _LEAF_OPS[cond.op], float(const), f)
     return f
 
