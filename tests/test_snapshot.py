@@ -264,3 +264,27 @@ def test_forgotten_users_stay_out_of_re_evaluations_after_restore():
             [segcore.Transition(7, "all", True, 7)]
         assert list(back.advance(30)) == [segcore.Transition(7, "quiet", True, 17)]
         assert back.stats()["users"] == 1 and list(back.members("quiet")) == [7]
+
+
+@pytest.mark.parametrize("value", [-1, -7, 10_000, 2 ** 31 - 1])
+def test_a_live_users_bucket_out_of_range_is_refused(value):
+    """A bucket outside 0..9999 on a live user (-1 marks a forgotten user's slot) would make
+    re-evaluations skip the user or no bucket range hold it: the snapshot is refused."""
+    eng = segcore.Engine()
+    eng.add_segment("hold", "bucket(0, 4999)")
+    for u in (1, 2, 3):
+        eng.track(u, "x", ts=u)
+    eng.forget(2)
+    meta, arrays = S.state(eng)
+    arrays["k:bucket"] = arrays["k:bucket"].copy()
+    arrays["k:bucket"][2] = value                  # user 3's slot (user 2's is erased)
+    with pytest.raises(SnapshotError, match="bucket is out of range"):
+        segcore.Engine.restore(io.BytesIO(b"".join(S.encode(meta, arrays))))
+    arrays["k:bucket"][2] = 17
+    arrays["k:bucket"][1] = value                  # an erased slot's value is not read
+    back = segcore.Engine.restore(io.BytesIO(b"".join(S.encode(meta, arrays))))
+    b1 = int(arrays["k:bucket"][0])
+    want = [u for u, b in ((1, b1), (3, 17)) if b <= 99]
+    out = back.add_segment("low", "bucket(0, 99)")
+    assert [t.user for t in out if t.segment == "low"] == want
+    assert list(back.members("hold")) == sorted(u for u, b in ((1, b1), (3, 17)) if b <= 4999)

@@ -40,6 +40,7 @@ import msgspec
 import numpy as np
 
 from .errors import SegcoreError, SnapshotError
+from .hashing import N_BUCKETS
 
 __all__ = ["write", "read", "MAGIC", "VERSION"]
 
@@ -409,6 +410,9 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
         eng._kernel.forget(d)       # kernel kept that mark; they hold nothing either way)
     alive = np.ones(n, dtype=bool)
     alive[list(erased)] = False
+    bucket = arrays["k:bucket"]             # (the kernel's import checked its length)
+    if ((bucket < 0) | (bucket >= N_BUCKETS))[alive].any():
+        raise _fail("a user's bucket is out of range")
     eng._str_num = dict(meta.str_users)
     if len(eng._str_num) != len(meta.str_users):
         raise _fail("a user number is given twice")
