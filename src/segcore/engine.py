@@ -1750,12 +1750,12 @@ class Engine:
     def _drain_list(self) -> list[Transition]:
         """:meth:`_drain` for the handful of transitions one event causes, without arrays."""
         names = self._plan.names
-        pub, strs, bitmaps = self._pub, self._str_num, self._bitmaps
+        pub, strs, bitmaps, hidden = self._pub.item, self._str_num, self._bitmaps, self._hidden
         out = []
         for d, seg, ent, ts in self._kernel.take_transitions_list():
-            num = int(pub[d])
+            num = pub(d)
             name = names[seg]
-            if name.startswith("__"):
+            if hidden and name.startswith("__"):
                 continue
             bm = bitmaps.get(name)
             if bm is not None:
