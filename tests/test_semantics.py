@@ -803,3 +803,22 @@ def test_a_forgotten_user_never_comes_back_through_a_re_evaluation(make_engine):
     for name in ("never", "all", "quiet", "seen"):
         assert list(eng.members(name)) == [7], name
     assert eng.stats()["users"] == 1
+
+
+@pytest.mark.parametrize("n", [5, 600, 3000])
+def test_bitmaps_follow_large_and_small_batches(make_engine, n):
+    """Members after a batch of n transitions (a few, some hundreds, thousands: the compiled
+    engine updates its bitmaps one member at a time or by sorted groups) are the kernel's."""
+    eng = make_engine()
+    eng.add_segments({"recent": "did(x, 10ms)", "twice": "count(x) >= 2"})
+    users = list(range(n))
+    out = eng.track_many(user=users + users[::2], event=["x"] * (n + len(users[::2])),
+                         ts=[1] * n + [2] * len(users[::2]))
+    assert len(out) == n + len(users[::2])
+    assert list(eng.members("recent")) == users
+    assert list(eng.members("twice")) == users[::2]
+    out = eng.advance(11)                        # the odd users leave at 11, the even at 12
+    assert sorted(t.user for t in out) == users[1::2] and not any(t.entered for t in out)
+    assert list(eng.members("recent")) == users[::2]
+    eng.track_many(user=users[1::2], event=["x"] * len(users[1::2]), ts=[12] * len(users[1::2]))
+    assert list(eng.members("recent")) == users[1::2] and eng.size("twice") == n

@@ -187,6 +187,12 @@ class Transitions:
                            np.concatenate([p.ts for p in parts]), names, parts[0]._strs)
 
 
+#: Up to this many transitions, a batch updates the bitmaps one member at a time (cheaper
+#: than sorting them into per-segment groups; measured on the small workload: batches of 1k,
+#: ~380 transitions, 643 -> 617 ns per event; batches of 10k unchanged).
+_PER_ELEMENT = 1024
+
+
 def _rows_of(col: np.ndarray, wanted: list, size: int) -> np.ndarray:
     """``np.isin(col, wanted)`` for a column of small codes (``-1 <= code < size``), by one
     table lookup instead of a sort."""
@@ -1723,7 +1729,7 @@ class Engine:
                 u, s, e, t = u[keep], s[keep], e[keep], t[keep]
         batch = Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
                             names, self._str_num)
-        if 0 < len(u) <= 8:
+        if 0 < len(u) <= _PER_ELEMENT:
             for num, seg, ent in zip(batch.user.tolist(), s.tolist(), e.tolist()):
                 bm = self._bitmaps.get(names[seg])
                 if bm is not None:
