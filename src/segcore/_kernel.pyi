@@ -26,6 +26,9 @@ class Kernel:
     cap: int
     now: int
     mstride: int
+    row_f: npt.NDArray[np.uint8]      # one event's property row (track_one's buffers)
+    row_v: npt.NDArray[np.float64]
+    row_k: npt.NDArray[np.int64]
     n_fired: int
     n_evals: int
     pending_firings: int

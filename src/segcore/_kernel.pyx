@@ -250,9 +250,12 @@ cdef class Kernel:
     # (with the segments referring to those); pred_segs: those reading a predictive score
     cdef int32_t[::1] tf_start, tf_segs, ta_start, ta_segs, pred_segs
     cdef vector[uint8_t] tmark
-    cdef vector[uint8_t] one_f      # the property row _track_fast fills
-    cdef vector[double] one_v
-    cdef vector[int64_t] one_k
+    # one event's property row (filters passed, numbers, keys): _track_fast fills it through
+    # the pointers, Engine._track_general through the arrays, and both pass it to _one
+    cdef readonly object row_f, row_v, row_k
+    cdef uint8_t* one_f
+    cdef double* one_v
+    cdef int64_t* one_k
     cdef vector[int32_t] tsegs
     cdef int32_t[::1] a_kind, a_op, a_f, a_t0, a_t1, a_t2, a_t3, a_s
     cdef double[::1] a_k
@@ -393,9 +396,13 @@ cdef class Kernel:
         self._check_plan()
         self._wake_index()
         self.wheel.resize(WHEEL_N)
-        self.one_f.resize(max(self.n_filter, 1))
-        self.one_v.resize(max(self.n_val, 1))
-        self.one_k.resize(max(self.n_key, 1))
+        self.row_f = np.zeros(max(self.n_filter, 1), dtype=np.uint8)
+        self.row_v = np.full(max(self.n_val, 1), np.nan, dtype=np.float64)
+        self.row_k = np.full(max(self.n_key, 1), -1, dtype=np.int64)
+        cdef uint8_t[::1] mrf = self.row_f
+        cdef double[::1] mrv = self.row_v
+        cdef int64_t[::1] mrk = self.row_k
+        self.one_f, self.one_v, self.one_k = &mrf[0], &mrv[0], &mrk[0]
         self.n_users = 0
         self.cap = 0
         self.now = 0
@@ -2159,9 +2166,7 @@ cdef class Kernel:
                 raise ValueError(f"track: ts {ts[i]} out of range")
             if ecode[i] < 0:
                 raise ValueError("track: negative event code")
-        cdef int32_t c
         cdef uint32_t pu
-        cdef uint64_t chg
         with nogil:
             for i in range(n):
                 if i + DEF_PREFETCH < n:
@@ -2169,21 +2174,15 @@ cdef class Kernel:
                     SEGCORE_PREFETCH(self.istate + <int64_t>pu * self.istride)
                     SEGCORE_PREFETCH(self.members + <int64_t>pu * self.mstride)
                     SEGCORE_PREFETCH(self.wake + pu)
-                if ts[i] > self.now:
-                    self._advance(ts[i])
                 if ck != NULL and ck[i] > self.now:
-                    self._advance(ck[i])
-                if nf:
+                    self._advance(ck[i])        # (then _one's advance to ts, if later: the
+                if nf:                          # same timers fire as in the other order)
                     fp = &fpass[i * nf]
                 if nv:
                     vp = &vals[i * nv]
                 if nk:
                     kp = &keys[i * nk]
-                chg = self._apply(uidx[i], ecode[i], ts[i], fp, vp, kp)
-                c = ecode[i] if ecode[i] < self.n_codes else self.n_codes
-                self._eval(uidx[i], self.now, &self.es_list[0] + self.es_start[c]
-                           if self.es_list.shape[0] else NULL,
-                           self.es_start[c + 1] - self.es_start[c], c, chg)
+                self._one(uidx[i], ecode[i], ts[i], fp, vp, kp)
         return self.tr_u.size()
 
     def track_one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t[::1] fpass not None,
@@ -2217,8 +2216,8 @@ cdef class Kernel:
         SEGCORE_PREFETCH(self.members + <int64_t>u * self.mstride)
         SEGCORE_PREFETCH(self.wake + u)
 
-    cdef void _one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp, const double* vp,
-                   const int64_t* kp) noexcept nogil:
+    cdef inline void _one(self, uint32_t u, int32_t e, int64_t ts, const uint8_t* fp,
+                          const double* vp, const int64_t* kp) noexcept nogil:
         """One checked event (u < n_users, 0 <= ts < 2**48, e >= 0, full-width rows)."""
         cdef int32_t c
         cdef uint64_t chg
@@ -2874,17 +2873,20 @@ cdef class IdMap:
         self.vals = &mv[0]
         self.capacity = cap
 
+    cdef inline int64_t _home(self, uint32_t key) noexcept nogil:
+        """The first slot probed for ``key``."""
+        cdef uint64_t h = (<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 17
+        return <int64_t>(h & <uint64_t>(self.capacity - 1))
+
     cdef inline void _prefetch(self, uint32_t key) noexcept nogil:
         """Start fetching the first slot :meth:`_slot` probes for ``key``."""
-        cdef uint64_t h = (<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 17
-        cdef int64_t i = <int64_t>(h & <uint64_t>(self.capacity - 1))
+        cdef int64_t i = self._home(key)
         SEGCORE_PREFETCH(self.vals + i)
         SEGCORE_PREFETCH(self.keys + i)
 
     cdef inline int64_t _slot(self, uint32_t key) noexcept nogil:
-        cdef uint64_t h = (<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 17
         cdef int64_t mask = self.capacity - 1
-        cdef int64_t i = <int64_t>(h & <uint64_t>mask)
+        cdef int64_t i = self._home(key)
         while self.vals[i] != -1 and self.keys[i] != key:   # -2: deleted, keep probing
             i = (i + 1) & mask
         return i
@@ -3057,14 +3059,14 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
     cdef list vals = tspec[2]
     cdef list keys = tspec[3]
     cdef dict pd
-    cdef object kk, v, get, test, c
+    cdef object kk, v, test, c
     cdef tuple leaf
     cdef Py_ssize_t j
-    cdef int op, r
-    cdef double x, y
-    cdef uint8_t* fp = k.one_f.data()
-    cdef double* vp = k.one_v.data()
-    cdef int64_t* kp = k.one_k.data()
+    cdef int r
+    cdef double x
+    cdef uint8_t* fp = k.one_f
+    cdef double* vp = k.one_v
+    cdef int64_t* kp = k.one_k
     for j in range(k.n_filter):             # what the batch path gives a row: no filter
         fp[j] = 0                           # passed, no number, no key
     for j in range(k.n_val):
@@ -3094,20 +3096,17 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
     for j, test in filters:
         if not 0 <= j < k.n_filter:
             return None
-        if type(test) is tuple:             # a leaf (Engine._fast_leaf): prop, op, const, f
+        if type(test) is tuple:             # a leaf (engine.fast_test): prop, op, const, f
             leaf = <tuple>test
             v = pd.get(leaf[0])
-            op = leaf[1]
             r = -1
-            if op < 2:                      # == / != a string
+            if type(leaf[2]) is str:        # == / != a string
                 if type(v) is str:
-                    r = (v == leaf[2]) == (op == 0)
+                    r = (v == leaf[2]) == (<int>leaf[1] == OP_EQ)
             elif type(v) is float or (type(v) is int and -_EXACT <= v <= _EXACT):
                 x = v
-                y = leaf[2]
                 if x == x:
-                    r = (x < y if op == 2 else x <= y if op == 3 else x > y if op == 4 else
-                         x >= y if op == 5 else x == y if op == 6 else x != y)
+                    r = cmp_v(<int>leaf[1], x, <double>leaf[2])
             if r < 0:
                 r = 1 if leaf[3](pd.get) else 0
             fp[j] = r

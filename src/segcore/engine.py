@@ -39,7 +39,7 @@ from . import rules as R
 from . import wal as _wal
 from ._kernel import FastState, IdMap, Kernel
 from ._kernel import track_entry as _track_entry
-from .compile import (DAY_MS, MAX_CONVERT_EVENTS, Plan, PredictSpec, compile_segments,
+from .compile import (DAY_MS, MAX_CONVERT_EVENTS, OPS, Plan, PredictSpec, compile_segments,
                       feature_map)
 from . import predict as _predict
 from .errors import EventError, RuleError, SegcoreError, ShardGap, SnapshotError
@@ -351,8 +351,8 @@ def eval_cond_scalar(cond, get) -> bool:
     return test_value(cond, get(_leaf_name(cond)[1]))
 
 
-_NUM_OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-            "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+_NUM_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+            ">": operator.gt, ">=": operator.ge}
 
 
 def compile_cond_scalar(cond) -> Callable[[Callable[[str], Any]], bool]:
@@ -395,26 +395,23 @@ def compile_cond_scalar(cond) -> Callable[[Callable[[str], Any]], bool]:
     return lambda get: test_value(cond, get(name))
 
 
-#: The comparison codes of a fast leaf, as ``_kernel._track_fast`` reads them.
-_LEAF_OPS = {"<": 2, "<=": 3, ">": 4, ">=": 5, "==": 6, "!=": 7}
-
-
 def fast_test(cond):
     """A where-clause as ``_kernel.track_entry`` runs it: a property compared with a string
     (``==``/``!=``) or with a number exactly representable as a double becomes a tuple
-    ``(prop, op, const, closure)`` that the compiled path decides in C for a str (resp. int
-    or non-NaN float) value, calling the closure (:func:`compile_cond_scalar`) for anything
-    else; other clauses are the closure itself."""
+    ``(prop, op, const, closure)`` (``op`` a code of :data:`segcore.compile.OPS`) that the
+    compiled path decides in C for a str (resp. int or non-NaN float) value, calling the
+    closure (:func:`compile_cond_scalar`) for anything else; other clauses are the closure
+    itself."""
     f = compile_cond_scalar(cond)
     if not (isinstance(cond, R.Compare) and isinstance(cond.left, R.Prop)):
         return f
     name = _leaf_name(cond)[1]
     if isinstance(cond.right, R.Str) and cond.op in ("==", "!="):
-        return (name, 0 if cond.op == "==" else 1, cond.right.value, f)
-    if isinstance(cond.right, (R.Num, R.Dur)) and cond.op in _LEAF_OPS:
+        return (name, OPS[cond.op], cond.right.value, f)
+    if isinstance(cond.right, (R.Num, R.Dur)) and cond.op in _NUM_OPS:
         const = _const(cond.right)
         if type(const) in (int, float) and abs(const) <= 1 << 53 and float(const) == const:
-            return (name, _LEAF_OPS[cond.op], float(const), f)
+            return (name, OPS[cond.op], float(const), f)
     return f
 
 
@@ -424,8 +421,6 @@ def _fast_slot(name: str) -> property:
     def fset(self, value):
         setattr(self._fs, name, value)
     return property(operator.attrgetter("_fs." + name), fset)
-
-
 
 
 # ------------------------------------------------------------------ columns
@@ -684,9 +679,6 @@ class Engine:
         self._plan = plan
         self._inputs_cache: dict = {}
         self._fast: dict = {}       # event type -> its inputs for _kernel.track_entry
-        self._one_bufs = (np.zeros(max(1, len(plan.filters)), np.uint8),
-                          np.full(max(1, len(plan.val_props)), np.nan, np.float64),
-                          np.full(max(1, len(plan.key_props)), -1, np.int64))
 
     # the state _kernel.track_entry reads on every call, kept in self._fs
     _kernel = _fast_slot("kernel")
@@ -1394,7 +1386,8 @@ class Engine:
         if d is None:
             self._create_users([user])
             d = self._dense_of(user)
-        fbuf, vbuf, kbuf = self._one_bufs
+        k = self._kernel
+        fbuf, vbuf, kbuf = k.row_f, k.row_v, k.row_k
         get = props.get
         if filters and event in self._plan.local_events:
             (hour,), (day,) = hours_weekdays([t], [self._traits.get(d, TZ_TRAIT)])
@@ -1408,7 +1401,7 @@ class Engine:
         for j, p in keys:
             v = props.get(p)
             kbuf[j] = -1 if _is_missing(v) else self._value_code(_norm(v))
-        pending = self._kernel.track_one(d, code, t, fbuf, vbuf, kbuf)
+        pending = k.track_one(d, code, t, fbuf, vbuf, kbuf)
         self._stats["events"] += 1
         self._stats["batches"] += 1
         self._event_counts[code] += 1
