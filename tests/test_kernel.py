@@ -176,6 +176,27 @@ def test_an_event_that_changes_no_input_of_a_segment_leaves_it_alone():
     assert list(k.member_row(0)) == [0, 0, 1, 0, 1]
 
 
+def test_a_windowed_count_wakes_its_user_only_when_it_crosses_a_threshold():
+    k, plan, codes = _counting_kernel({"a": "count(x, 1d) >= 3", "b": "count(y, 1d) == 1"})
+    for ts in (5, 15):                      # two x: a stays out, and no x expiry matters
+        _one(k, plan, codes["x"], ts)
+    for ts in (0, 10):                      # two y: b out until one of them expires
+        _one(k, plan, codes["y"], ts)
+    assert list(k.member_row(0)) == [0, 0]
+    k.advance(86_399_999)
+    assert list(k.member_row(0)) == [0, 0]
+    assert k.stats()["timers_fired"] == 0
+    k.advance(86_400_000)                   # y: 2 -> 1, b enters at that instant
+    assert list(k.member_row(0)) == [0, 1]
+    k.advance(86_400_009)                   # (x: 2 -> 1 at 86_400_005 wakes no one)
+    assert list(k.member_row(0)) == [0, 1]
+    k.advance(86_400_010)                   # y: 1 -> 0, b leaves
+    assert list(k.member_row(0)) == [0, 0]
+    k.advance(2 * 86_400_000)
+    assert k.stats()["timers_fired"] == 2
+    assert k.stats()["timers"] == 0
+
+
 def test_segment_needing_history_that_is_not_kept_is_refused():
     eng = segcore.Engine()
     eng.add_segment("fb", "count(purchase, 90d) >= 3")

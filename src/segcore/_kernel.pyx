@@ -250,6 +250,11 @@ cdef class Kernel:
     # (with the segments referring to those); pred_segs: those reading a predictive score
     cdef int32_t[::1] tf_start, tf_segs, ta_start, ta_segs, pred_segs
     cdef vector[uint8_t] tmark
+    # per windowed count (K_TOPK) feature, the counts c whose drop to c - 1 flips one of the
+    # `count(...) op k` atoms reading it, largest first (crit_start: CSR), or crit_all set
+    # when something else reads its value: only those drops are wake-up instants
+    cdef int32_t[::1] crit_start, crit_list
+    cdef uint8_t[::1] crit_all
     # one event's property row (filters passed, numbers, keys): _track_fast fills it through
     # the pointers, Engine._track_general through the arrays, and both pass it to _one
     cdef readonly object row_f, row_v, row_k
@@ -684,6 +689,36 @@ cdef class Kernel:
         self.ta_start, self.ta_segs = csr(ta)
         self.pred_segs = _i32(ps)
         self.tmark.assign(max(self.n_seg, 1), 0)
+        self._crit_index()
+
+    cdef void _crit_index(self) except *:
+        """The windowed counts' critical drops (crit_start, crit_list, crit_all)."""
+        cdef int a, f, c, j
+        crit = [set() for _ in range(self.n_feat)]
+        every = np.zeros(max(self.n_feat, 1), dtype=np.uint8)
+        for a in range(self.n_atom):
+            kind = self.a_kind[a]
+            if kind == A_COUNTK and self.f_kind[self.a_f[a]] == K_TOPK:
+                f = self.a_f[a]
+                for c in range(1, self.f_k[f] + 1):
+                    if cmp_v(self.a_op[a], <double>c, self.a_k[a]) != \
+                            cmp_v(self.a_op[a], <double>(c - 1), self.a_k[a]):
+                        crit[f].add(c)
+            elif kind in (A_ABANDON, A_MODE, A_SEQ, A_PRED):
+                every[self.a_f[a]] = 1
+            elif kind == A_TIME:
+                for j in range(self.a_t0[a], self.a_t1[a]):
+                    every[self.t_a[j]] = 1
+            elif kind == A_NUM:
+                for j in list(range(self.a_t0[a], self.a_t1[a])) + \
+                        list(range(self.a_t2[a], self.a_t3[a])):
+                    if self.t_kind[j] == T_FEAT:
+                        every[self.t_a[j]] = 1
+        start, lst = [0], []
+        for f in range(self.n_feat):
+            lst += sorted(crit[f], reverse=True)
+            start.append(len(lst))
+        self.crit_start, self.crit_list, self.crit_all = _i32(start), _i32(lst), every
 
     def _arr_it_seg(self): return self.it_seg
     def _arr_it_enter(self): return self.it_enter
@@ -1608,13 +1643,22 @@ cdef class Kernel:
         cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
         cdef int64_t w = self.f_window[f]
         cdef int64_t best = INT64_MAX
-        cdef int c
+        cdef int c, j
         cdef vector[Entry]* vec
         cdef size_t i
         if kind == K_TOPK:
-            c = self._topk_count(u, f, t)
-            if c > 0:
-                return ist[c - 1] + w
+            if self.crit_all[f]:
+                c = self._topk_count(u, f, t)
+                if c > 0:
+                    return ist[c - 1] + w
+                return INT64_MAX
+            # the count is >= c while its c-th latest event is in the window: the next drop
+            # that flips an atom is the expiry of the c-th latest for the largest such
+            # critical c (the others' drops change no atom's value)
+            for j in range(self.crit_start[f], self.crit_start[f + 1]):
+                c = self.crit_list[j]
+                if ist[c - 1] > t - w:
+                    return ist[c - 1] + w
             return INT64_MAX
         if kind == K_WLIST:
             self._prune(u, f, t)
