@@ -822,3 +822,25 @@ def test_bitmaps_follow_large_and_small_batches(make_engine, n):
     assert list(eng.members("recent")) == users[::2]
     eng.track_many(user=users[1::2], event=["x"] * len(users[1::2]), ts=[12] * len(users[1::2]))
     assert list(eng.members("recent")) == users[1::2] and eng.size("twice") == n
+
+
+def test_members_after_unread_batches_then_plan_changes_and_forget(make_engine):
+    """Batches nobody reads in between (the compiled engine brings its bitmaps up to date on
+    the next read), then a plan change and a forget, which renumber segments and users."""
+    eng = make_engine()
+    eng.add_segments({"a": "count(x) >= 1", "b": "did(y, 10ms)", "c": "count(y) >= 2"})
+    users = list(range(40))
+    eng.track_many(user=users, event=["x"] * 40, ts=[1] * 40)
+    eng.track_many(user=users[::2], event=["y"] * 20, ts=[2] * 20)
+    eng.track_many(user=users[::4], event=["y"] * 10, ts=[3] * 10)
+    eng.remove_segment("b")                     # c's index moves down
+    assert list(eng.members("c")) == users[::4]
+    eng.track_many(user=users[1::4] * 2, event=["y"] * 20, ts=[4] * 20)
+    eng.add_segments({"d": "count(x) >= 2"})
+    eng.track_many(user=[3, 3, 0, 8], event=["x"] * 4, ts=[5] * 4)   # 3, 0 and 8 enter d
+    eng.forget(8)                               # right after a batch that moved 8
+    eng.track_many(user=[1000, 9], event=["x", "y"], ts=[6, 6])   # (may reuse 8's slot)
+    assert list(eng.members("a")) == [u for u in users if u != 8] + [1000]
+    assert list(eng.members("c")) == sorted(set(users[::4] + users[1::4]) - {8})
+    assert list(eng.members("d")) == [0, 3]
+    assert eng.sizes() == {"a": 40, "c": 19, "d": 2}

@@ -288,3 +288,30 @@ def test_a_live_users_bucket_out_of_range_is_refused(value):
     out = back.add_segment("low", "bucket(0, 99)")
     assert [t.user for t in out if t.segment == "low"] == want
     assert list(back.members("hold")) == sorted(u for u, b in ((1, b1), (3, 17)) if b <= 4999)
+
+
+def test_a_snapshot_after_unread_batches_has_their_members():
+    eng = segcore.Engine()
+    eng.add_segments({"a": "count(x) >= 2", "b": "did(x, 10ms)"})
+    for t in range(1, 6):
+        eng.track_many(user=list(range(t * 100)), event=["x"] * (t * 100), ts=[t] * (t * 100))
+    buf = io.BytesIO()
+    eng.snapshot(buf)
+    twin = segcore.Engine.restore(io.BytesIO(buf.getvalue()))
+    assert list(twin.members("a")) == list(range(400))
+    assert list(twin.members("b")) == list(range(500))
+    assert twin.sizes() == eng.sizes() == {"a": 400, "b": 500}
+
+
+def test_batches_past_the_pending_limit_update_the_bitmaps_themselves(monkeypatch):
+    from segcore import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "_PENDING_MAX", 50)
+    eng = segcore.Engine()
+    eng.add_segments({"a": "did(x, 10ms)"})
+    eng.track_many(user=list(range(40)), event=["x"] * 40, ts=[1] * 40)
+    assert eng._pend                            # waiting for a read
+    eng.track_many(user=list(range(40, 80)), event=["x"] * 40, ts=[2] * 40)
+    assert not eng._pend                        # 80 > 50: applied by the batch
+    assert list(eng._bm["a"]) == list(range(80))
+    eng.advance(11)
+    assert list(eng.members("a")) == list(range(40, 80))

@@ -187,10 +187,12 @@ class Transitions:
                            np.concatenate([p.ts for p in parts]), names, parts[0]._strs)
 
 
-#: Up to this many transitions, a batch updates the bitmaps one member at a time (cheaper
-#: than sorting them into per-segment groups; measured on the small workload: batches of 1k,
-#: ~380 transitions, 643 -> 617 ns per event; batches of 10k unchanged).
+#: Up to this many pending transitions, the bitmaps are updated one member at a time
+#: (cheaper than sorting them into per-segment groups).
 _PER_ELEMENT = 1024
+#: Pending transitions past which a batch brings the bitmaps up to date at once (bounds the
+#: memory they hold: 8 bytes each).
+_PENDING_MAX = 1 << 20
 
 
 def _rows_of(col: np.ndarray, wanted: list, size: int) -> np.ndarray:
@@ -631,7 +633,7 @@ class Engine:
         self._texts: dict[str, str] = {}
         self._set_plan(self._compile({}, []))
         self._kernel = self._new_kernel(self._plan)
-        self._bitmaps: dict[str, BitMap] = {}
+        self._bitmaps = {}                          # (see the property: lazily brought up)
         self._all = BitMap()
         # triggers and journeys (docs/triggers.md), in registration order
         self._items: list = []
@@ -1008,6 +1010,7 @@ class Engine:
             history = self._history_engine(asts, texts, items, hidden, missing, new_names)
         self._catch_up(clock_ms)
         before = self._collect(self._kernel, tuple(old.names))
+        self._flush_bitmaps()           # (while rows still name this kernel's segments)
         fired = self._take_firings()
         self._evicted()
         kernel = self._new_kernel(plan)
@@ -1712,7 +1715,8 @@ class Engine:
 
     # ------------------------------------------------------------------ transitions
     def _collect(self, kernel, names: tuple) -> Transitions:
-        """Drain a kernel's transitions into a batch and bring the bitmaps up to date."""
+        """Drain a kernel's transitions into a batch; the bitmaps learn of them when next read
+        (:attr:`_bitmaps`)."""
         u, s, e, t = kernel.take_transitions()
         if self._hidden and len(u):
             public = np.fromiter((not n.startswith("__") for n in names), dtype=bool,
@@ -1722,21 +1726,57 @@ class Engine:
                 u, s, e, t = u[keep], s[keep], e[keep], t[keep]
         batch = Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
                             names, self._str_num)
-        if 0 < len(u) <= _PER_ELEMENT:
-            for num, seg, ent in zip(batch.user.tolist(), s.tolist(), e.tolist()):
-                bm = self._bitmaps.get(names[seg])
-                if bm is not None:
-                    (bm.add if ent else bm.discard)(num)
-        elif len(u):
-            # A user's final state in a segment is the kernel's member bit, whatever happened
-            # in between: add those in, take those out (no need to order the transitions).
-            # One stable sort groups the rows by (segment, final state).
-            key = s.astype(np.int64) * 2 + kernel.member_bits(u, s)
+        if len(u):
+            self._pend.append((u, s, names))
+            self._pend_n += len(u)
+            if self._pend_n > _PENDING_MAX:
+                self._flush_bitmaps()
+        return batch
+
+    @property
+    def _bitmaps(self) -> dict[str, BitMap]:
+        """Segment name -> bitmap of its members' user numbers, up to date.
+
+        Batches do not touch the bitmaps: their transitions wait in ``_pend`` (dense user,
+        segment) and are applied on the next read, all at once, from the kernel's member
+        bits, which are the truth whatever happened in between. Whatever renumbers users or
+        segments (a new plan, forgetting a user) reads this first, so pending rows always
+        name the current kernel's users and segments."""
+        if self._pend:
+            self._flush_bitmaps()
+        return self._bm
+
+    @_bitmaps.setter
+    def _bitmaps(self, value: dict) -> None:
+        self._bm = value
+        self._pend = []
+        self._pend_n = 0
+
+    def _flush_bitmaps(self) -> None:
+        pend, self._pend, self._pend_n = self._pend, [], 0
+        kernel, bms = self._kernel, self._bm
+        groups: dict[tuple, list] = {}
+        for u, s, names in pend:
+            groups.setdefault(names, []).append((u, s))
+        for names, parts in groups.items():
+            u = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+            s = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+            on = kernel.member_bits(u, s)
+            if len(u) <= _PER_ELEMENT:
+                for num, seg, inside in zip(self._pub[u].tolist(), s.tolist(), on.tolist()):
+                    bm = bms.get(names[seg])
+                    if bm is not None:
+                        (bm.add if inside else bm.discard)(num)
+                continue
+            # A user's state in a segment is the kernel's member bit, whatever happened in
+            # between: add those in, take those out. One stable sort groups the rows by
+            # (segment, state): a radix sort, when the keys fit in 16 bits.
+            key = s.astype(np.int16 if len(names) < 16_000 else np.int64) * 2 + on
             order = np.argsort(key, kind="stable")
-            key, users = key[order], batch.user[order]
+            key, users = key[order], self._pub[u[order]]
             cut = np.flatnonzero(key[1:] != key[:-1]) + 1
             for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(key)]):
-                bm = self._bitmaps.get(names[int(key[lo]) >> 1])
+                bm = bms.get(names[int(key[lo]) >> 1])
                 if bm is None:
                     continue
                 if key[lo] & 1:
@@ -1744,12 +1784,13 @@ class Engine:
                         users[lo:hi], dtype=np.uint32).tobytes()))     # (no BitMap built)
                 else:
                     bm -= _bitmap(users[lo:hi])
-        return batch
 
     def _drain_list(self) -> list[Transition]:
         """:meth:`_drain` for the handful of transitions one event causes, without arrays."""
         names = self._plan.names
-        pub, strs, bitmaps, hidden = self._pub.item, self._str_num, self._bitmaps, self._hidden
+        # (straight into the bitmaps: pending batch rows, applied later from the kernel's
+        # member bits, agree with these whatever the order)
+        pub, strs, bitmaps, hidden = self._pub.item, self._str_num, self._bm, self._hidden
         out = []
         for d, seg, ent, ts in self._kernel.take_transitions_list():
             num = pub(d)
@@ -2127,6 +2168,7 @@ class Engine:
     def _erase(self, user: UserId, d: int) -> None:
         """Remove user ``user`` (dense slot ``d``) from every structure."""
         num = int(self._pub[d])
+        self._flush_bitmaps()           # (pending rows may name slot d)
         self._kernel.forget(d)
         if isinstance(user, str):
             del self._str_dense[user]
