@@ -35,10 +35,13 @@ def columns(w, eng=None):
 
 
 def stream(eng, w, batch):
-    """Track every event of ``w`` in batches; returns the number of transitions."""
+    """Track every event of ``w`` in batches, then read every segment's size (so the pass
+    includes bringing the member bitmaps up to date, which the kernel engine does on the
+    first read after a batch); returns the number of transitions."""
     n = 0
     for b in w.batches(batch):
         n += len(eng.track_many(**columns(b, eng)))
+    eng.sizes()
     return n
 
 
