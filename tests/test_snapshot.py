@@ -303,7 +303,7 @@ def test_a_snapshot_after_unread_batches_has_their_members():
     assert twin.sizes() == eng.sizes() == {"a": 400, "b": 500}
 
 
-def test_batches_past_the_pending_limit_update_the_bitmaps_themselves(monkeypatch):
+def test_batches_past_the_pending_limits_update_the_bitmaps_themselves(monkeypatch):
     from segcore import engine as engine_mod
     monkeypatch.setattr(engine_mod, "_PENDING_MAX", 50)
     eng = segcore.Engine()
@@ -315,3 +315,8 @@ def test_batches_past_the_pending_limit_update_the_bitmaps_themselves(monkeypatc
     assert list(eng._bm["a"]) == list(range(80))
     eng.advance(11)
     assert list(eng.members("a")) == list(range(40, 80))
+    monkeypatch.setattr(engine_mod, "_PENDING_BATCHES", 3)
+    for u in range(4):                          # four small batches: past 3 they apply
+        eng.track_many(user=[100 + u], event=["x"], ts=[20])
+        assert bool(eng._pend) == (u < 3)
+    assert list(eng._bm["a"]) == [100, 101, 102, 103]

@@ -193,6 +193,8 @@ _PER_ELEMENT = 1024
 #: Pending transitions past which a batch brings the bitmaps up to date at once (bounds the
 #: memory they hold: 8 bytes each).
 _PENDING_MAX = 1 << 20
+#: ... or past this many batches (small ones carry ~300 bytes of arrays each).
+_PENDING_BATCHES = 1024
 
 
 def _rows_of(col: np.ndarray, wanted: list, size: int) -> np.ndarray:
@@ -1727,9 +1729,10 @@ class Engine:
         batch = Transitions(self._pub[u] if len(u) else np.zeros(0, np.uint32), s, e, t,
                             names, self._str_num)
         if len(u):
-            self._pend.append((u, s, names))
+            # (a copy of the segment column: the batch's own is the caller's to change)
+            self._pend.append((u, s.copy(), names))
             self._pend_n += len(u)
-            if self._pend_n > _PENDING_MAX:
+            if self._pend_n > _PENDING_MAX or len(self._pend) > _PENDING_BATCHES:
                 self._flush_bitmaps()
         return batch
 
@@ -1753,7 +1756,9 @@ class Engine:
         self._pend_n = 0
 
     def _flush_bitmaps(self) -> None:
-        pend, self._pend, self._pend_n = self._pend, [], 0
+        # (the rows are dropped only once applied: applying them again is harmless, since
+        # they only say where to look)
+        pend = self._pend
         kernel, bms = self._kernel, self._bm
         groups: dict[tuple, list] = {}
         for u, s, names in pend:
@@ -1784,6 +1789,7 @@ class Engine:
                         users[lo:hi], dtype=np.uint32).tobytes()))     # (no BitMap built)
                 else:
                     bm -= _bitmap(users[lo:hi])
+        self._pend, self._pend_n = [], 0
 
     def _drain_list(self) -> list[Transition]:
         """:meth:`_drain` for the handful of transitions one event causes, without arrays."""
