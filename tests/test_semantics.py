@@ -839,8 +839,24 @@ def test_members_after_unread_batches_then_plan_changes_and_forget(make_engine):
     eng.add_segments({"d": "count(x) >= 2"})
     eng.track_many(user=[3, 3, 0, 8], event=["x"] * 4, ts=[5] * 4)   # 3, 0 and 8 enter d
     eng.forget(8)                               # right after a batch that moved 8
-    eng.track_many(user=[1000, 9], event=["x", "y"], ts=[6, 6])   # (may reuse 8's slot)
+    eng.track_many(user=[1000, 9], event=["x", "y"], ts=[6, 6])
     assert list(eng.members("a")) == [u for u in users if u != 8] + [1000]
     assert list(eng.members("c")) == sorted(set(users[::4] + users[1::4]) - {8})
     assert list(eng.members("d")) == [0, 3]
     assert eng.sizes() == {"a": 40, "c": 19, "d": 2}
+
+
+def test_alias_with_a_clock_returns_what_catching_up_caused_first(make_engine):
+    """alias catches up with the clock first: the transitions that causes come first, the
+    merged-away user's under its own id (it existed then), and never under another's."""
+    now = [10.0]
+    eng = make_engine(clock=lambda: now[0])
+    eng.add_segment("r", "did(x, 1s)")
+    for user, ts in ((1, 10_000), (5, 10_000), (9, 10_500), (0, 10_900)):
+        eng.track(user, "x", ts=ts)
+    now[0] = 11.2                               # 1 and 5 left at 11 000
+    out = eng.alias(9, 5)
+    assert [(t.user, t.segment, t.entered, t.ts) for t in out] == [(1, "r", False, 11_000),
+                                                                  (5, "r", False, 11_000)]
+    assert members(eng, "r") == [0, 9]
+    assert eng.sizes() == {"r": 2}

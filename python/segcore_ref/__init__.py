@@ -1285,7 +1285,8 @@ class RefEngine:
     def alias(self, new, old) -> TransitionList:
         """Merge profile ``old`` into ``new``: every event of ``old`` becomes ``new``'s (in
         arrival order), traits and scores merge (``new``'s values win), ``old`` is forgotten,
-        and ``new`` is re-evaluated at now. Returns ``new``'s transitions."""
+        and ``new`` is re-evaluated at now. Returns the transitions: those that catching up
+        with the clock caused first (``old``'s under its own id), then ``new``'s."""
         clock_ms = self._clock_ms()
         n, o = _check_user(new, None), _check_user(old, None)
         if type(n) is type(o) and n == o:

@@ -2138,8 +2138,9 @@ class Engine:
         """Merge profile ``old`` into ``new`` (identity resolution): ``new`` gets ``old``'s
         counters, windows, timestamps, carts and distinct values as if it had sent all of
         ``old``'s events, and ``old``'s traits and scores where it has none of its own;
-        ``old`` is then forgotten and ``new`` re-evaluated at now. Returns ``new``'s
-        transitions. An all-time float sum becomes the sum of the two sums (exact for integer
+        ``old`` is then forgotten and ``new`` re-evaluated at now. Returns the transitions:
+        those that catching up with the clock caused first (``old``'s under its own id), then
+        ``new``'s. An all-time float sum becomes the sum of the two sums (exact for integer
         amounts; otherwise its rounding may differ from summing in arrival order).
 
         >>> eng = Engine()
@@ -2155,8 +2156,9 @@ class Engine:
             raise EventError("alias needs two different users", field="user")
         do = self._dense_of(old)
         self._catch_up(clock_ms)
+        before = self._drain([])        # (while ``old`` still has its number)
         if do is None:
-            return list(self._drain([]))
+            return list(before)
         if self._dense_of(new) is None:
             self._create_users([new])
         dn = self._dense_of(new)
@@ -2169,7 +2171,7 @@ class Engine:
         self._erase(old, do)
         self._push_profiles([dn])
         self._kernel.eval_users(np.array([dn], dtype=np.uint32))
-        return list(self._drain([]))
+        return list(self._drain([before] if len(before) else []))
 
     def _erase(self, user: UserId, d: int) -> None:
         """Remove user ``user`` (dense slot ``d``) from every structure."""
