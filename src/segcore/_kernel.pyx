@@ -3176,3 +3176,60 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
         return eng._drain_list()
     return []
 
+
+
+def json_row_columns(list rows):
+    """The columns of decoded ``track_json`` rows (objects with ``user``, ``event``, ``ts``,
+    ``props`` and ``id``) in one pass: ``(users, events, tss, ids, props)``.
+
+    ``users`` and ``tss`` are int64 arrays when every value is a plain int that fits, else
+    lists of the values; ``events`` a list; ``ids`` a list, or None when no row has one;
+    ``props`` a dict of property name (in order of first appearance) -> list of its value in
+    every row (None where a row lacks it)."""
+    cdef Py_ssize_t n = len(rows), i
+    cdef object row, u, t, p, k, v, rid
+    cdef list col
+    cdef dict props = {}
+    cdef list ulist = [None] * n, elist = [None] * n, tlist = [None] * n
+    cdef list ids = None
+    cdef int ovf = 0
+    cdef bint uint = n > 0, tint = n > 0
+    users = np.empty(n, dtype=np.int64)
+    tss = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] mu = users
+    cdef int64_t[::1] mt = tss
+    for i in range(n):
+        row = rows[i]
+        u = row.user
+        t = row.ts
+        ulist[i] = u
+        elist[i] = row.event
+        tlist[i] = t
+        if uint:
+            if type(u) is int:
+                mu[i] = PyLong_AsLongLongAndOverflow(u, &ovf)
+                if ovf:
+                    uint = False
+            else:
+                uint = False
+        if tint:
+            if type(t) is int:
+                mt[i] = PyLong_AsLongLongAndOverflow(t, &ovf)
+                if ovf:
+                    tint = False
+            else:
+                tint = False
+        rid = row.id
+        if rid is not None:
+            if ids is None:
+                ids = [None] * n
+            ids[i] = rid
+        p = row.props
+        if p:
+            for k, v in (<dict?>p).items():
+                col = props.get(k)
+                if col is None:
+                    col = [None] * n
+                    props[k] = col
+                col[i] = v
+    return (users if uint else ulist), elist, (tss if tint else tlist), ids, props

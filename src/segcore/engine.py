@@ -20,7 +20,6 @@ import array
 import contextlib
 import datetime as _dt
 import functools
-import itertools
 import logging
 import os
 import math
@@ -38,6 +37,7 @@ from pyroaring import BitMap, FrozenBitMap
 from . import rules as R
 from . import wal as _wal
 from ._kernel import FastState, IdMap, Kernel
+from ._kernel import json_row_columns as _json_row_columns
 from ._kernel import track_entry as _track_entry
 from .compile import (DAY_MS, MAX_CONVERT_EVENTS, OPS, Plan, PredictSpec, compile_segments,
                       feature_map)
@@ -2670,22 +2670,19 @@ def _json_columns(data) -> tuple:
     """:func:`_batch_columns` of a ``track_json`` body (a JSON array of event objects)."""
     rows = _decode_events(data)
     n = len(rows)
-    users = _int_or_object_column([r.user for r in rows], n, "user")
-    events = _as_column([r.event for r in rows], n, "event")
-    tss = _int_or_object_column([r.ts for r in rows], n, "ts")
-    id_list = [r.id for r in rows]
-    ids = _as_column(id_list, n, "id") if id_list.count(None) < n else None
-    plist = [r.props for r in rows]
-    # every property name, in order of first appearance (one pass in C)
-    keys = dict.fromkeys(itertools.chain.from_iterable(filter(None, plist)))
+    # one pass over the rows, in C: users and ts as int64 when they are all plain ints
+    users, events, tss, id_list, props = _json_row_columns(rows)
+    users = users if isinstance(users, np.ndarray) else _as_column(users, n, "user")
+    events = _as_column(events, n, "event")
+    tss = tss if isinstance(tss, np.ndarray) else _as_column(tss, n, "ts")
+    ids = _as_column(id_list, n, "id") if id_list is not None else None
     cols: dict[str, np.ndarray] = {}
     bad: tuple[int, int, str, str] | None = None
-    for k in keys:
-        vals = [p.get(k) if p else None for p in plist]
+    for k, vals in props.items():
         kinds = set(map(type, vals))
         if dict in kinds or list in kinds:
             i = next(i for i, v in enumerate(vals) if isinstance(v, (dict, list)))
-            order = list(plist[i]).index(k)
+            order = list(rows[i].props).index(k)
             if bad is None or (i, order) < bad[:2]:
                 bad = (i, order, k, type(vals[i]).__name__)
             continue
