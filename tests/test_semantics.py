@@ -334,6 +334,15 @@ def test_track_json(make_engine):
     assert eng.now == 8
 
 
+def test_track_json_takes_property_ints_of_any_size_like_track(make_engine):
+    eng = make_engine()
+    eng.add_segments({"big": "sum(buy.amount) >= 10", "huge": "max(buy.amount) > 1e30"})
+    body = b'[{"user": 1, "event": "buy", "ts": 5, "props": {"amount": 9223372036854775808}},' \
+        b' {"user": 2, "event": "buy", "ts": 6, "props": {"amount": %d}}]' % 10 ** 40
+    assert [(t.user, t.segment) for t in eng.track_json(body)] == \
+        [(1, "big"), (2, "big"), (2, "huge")]
+
+
 @pytest.mark.parametrize("field, value", [
     ("user", "4294967296"), ("user", "-1"), ("user", str(2 ** 70)), ("user", "true"),
     ("user", "1.5"), ("ts", "-5"), ("ts", str(2 ** 48)), ("ts", str(2 ** 70)), ("ts", "true"),

@@ -2634,7 +2634,8 @@ class _EventRow(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     user: Union[int, str]
     event: str
     ts: Union[int, str]
-    props: Union[dict[str, Union[str, _Int64, float, bool, None, list, dict]], None] = None
+    # (a property may be any int, as in track and track_many; ids must fit in 64 bits)
+    props: Union[dict[str, Union[str, int, float, bool, None, list, dict]], None] = None
     id: Union[str, _Int64, None] = None
 
 
