@@ -36,6 +36,7 @@ eng.set_traits_many(user=w.trait_user, **w.traits)
 for user, code, ts, amount, category in cols:
     eng.track_many(user=user, event=codes[code], ts=ts,
                    props={"amount": amount, "category": category})
+eng.sizes()                 # (a read: the bitmaps take in the batches' last transitions)
 after = rss()
 active = int(np.count_nonzero(np.bincount(w.user, minlength=w.n_users)))
 st = eng.stats()

@@ -191,8 +191,8 @@ class Transitions:
 #: (cheaper than sorting them into per-segment groups).
 _PER_ELEMENT = 1024
 #: Pending transitions past which a batch brings the bitmaps up to date at once (bounds the
-#: memory they hold: 8 bytes each).
-_PENDING_MAX = 1 << 20
+#: memory they hold: 8 bytes each, 2 MiB in all).
+_PENDING_MAX = 1 << 18
 #: ... or past this many batches (small ones carry ~300 bytes of arrays each).
 _PENDING_BATCHES = 1024
 
