@@ -869,3 +869,17 @@ def test_alias_with_a_clock_returns_what_catching_up_caused_first(make_engine):
                                                                   (5, "r", False, 11_000)]
     assert members(eng, "r") == [0, 9]
     assert eng.sizes() == {"r": 2}
+
+
+def test_a_single_event_returns_the_expiries_it_moves_time_past_for_every_user(make_engine):
+    """One event moves time: the other users' timers due by then fire first, and their
+    transitions come back with it, string ids as strings, the bitmaps updated."""
+    eng = make_engine()
+    eng.add_segments({"recent": "did(x, 10ms)", "twice": "count(x) >= 2"})
+    eng.track("ann", "x", ts=1)
+    eng.track(7, "x", ts=2)
+    out = eng.track(7, "x", ts=11)
+    assert [(t.user, t.segment, t.entered, t.ts) for t in out] == [
+        ("ann", "recent", False, 11), (7, "twice", True, 11)]
+    assert list(eng.members("recent")) == [7] and list(eng.members("twice")) == [7]
+    assert eng.stats()["transitions"] == 4

@@ -3172,9 +3172,51 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
     k._one(<uint32_t>d, code, t, fp, vp, kp)
     fs.single += 1
     counts[code] += 1
-    if k.tr_u.size() or k.fi_u.size():
+    if k.fi_u.size():
         return eng._drain_list()
+    if k.tr_u.size():
+        if eng._hidden or eng._held is not None or eng._items:
+            return eng._drain_list()
+        return _drain_single(eng, fs, k)
     return []
+
+
+cdef object _Transition = None
+
+
+cdef list _drain_single(object eng, FastState fs, Kernel k):
+    """``Engine._drain_list`` compiled, for an engine without hidden segments, held
+    transitions or triggers: the kernel's buffered transitions as :class:`Transition`
+    objects, the bitmaps updated at once."""
+    global _Transition
+    if _Transition is None:
+        from .engine import Transition
+        _Transition = Transition
+    cdef Py_ssize_t i, n = k.tr_u.size()
+    cdef object names = eng._plan.names
+    cdef object pub = eng._pub
+    cdef dict bms = eng._bm
+    cdef dict strs = fs.str_num
+    cdef list out = []
+    cdef object num, name, bm
+    cdef bint ent
+    for i in range(n):
+        num = pub.item(k.tr_u[i])
+        name = names[k.tr_s[i]]
+        ent = k.tr_e[i] != 0
+        bm = bms.get(name)
+        if bm is not None:
+            if ent:
+                bm.add(num)
+            else:
+                bm.discard(num)
+        out.append(_Transition(strs.get(num, num) if strs else num, name, ent, k.tr_t[i]))
+    k.tr_u.clear()
+    k.tr_s.clear()
+    k.tr_e.clear()
+    k.tr_t.clear()
+    fs._stats["transitions"] += n
+    return out
 
 
 
