@@ -326,3 +326,25 @@ def test_engine_churn_of_new_and_forgotten_users_keeps_working():
         eng.track(10_000 + i, "purchase", ts=i)
         eng.forget(10_000 + i)
     assert eng.stats()["users"] == 0 and eng.size("buyers") == 0
+
+
+def test_json_row_columns_survives_rows_that_change_while_read():
+    from segcore._kernel import json_row_columns
+
+    class Row:
+        event, ts, props, id = "x", 1, None, None
+
+        def __init__(self, rows):
+            self.rows = rows
+
+        @property
+        def user(self):
+            self.rows.clear()               # (decoded rows never do this; a caller might)
+            return 1
+
+    rows: list = []
+    rows += [Row(rows), Row(rows)]
+    with pytest.raises(RuntimeError, match="changed while being read"):
+        json_row_columns(rows)
+    with pytest.raises(TypeError):
+        json_row_columns(("not", "a list"))

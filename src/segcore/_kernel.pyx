@@ -3200,22 +3200,37 @@ cdef list _drain_single(object eng, FastState fs, Kernel k):
     cdef list out = []
     cdef object num, name, bm
     cdef bint ent
+    # take the buffer first (as take_transitions_list does): whatever raises below, the
+    # kernel's buffer is already drained
+    cdef vector[uint32_t] tu
+    cdef vector[int32_t] ts_
+    cdef vector[uint8_t] te
+    cdef vector[int64_t] tt
+    tu.swap(k.tr_u)
+    ts_.swap(k.tr_s)
+    te.swap(k.tr_e)
+    tt.swap(k.tr_t)
+    fs._stats["transitions"] += n
     for i in range(n):
-        num = pub.item(k.tr_u[i])
-        name = names[k.tr_s[i]]
-        ent = k.tr_e[i] != 0
+        num = pub.item(tu[i])
+        name = names[ts_[i]]
+        ent = te[i] != 0
         bm = bms.get(name)
         if bm is not None:
             if ent:
                 bm.add(num)
             else:
                 bm.discard(num)
-        out.append(_Transition(strs.get(num, num) if strs else num, name, ent, k.tr_t[i]))
-    k.tr_u.clear()
-    k.tr_s.clear()
-    k.tr_e.clear()
-    k.tr_t.clear()
-    fs._stats["transitions"] += n
+        out.append(_Transition(strs.get(num, num) if strs else num, name, ent, tt[i]))
+    if not k.tr_u.size():                   # (give the kernel its buffers' room back)
+        tu.clear()
+        ts_.clear()
+        te.clear()
+        tt.clear()
+        k.tr_u.swap(tu)
+        k.tr_s.swap(ts_)
+        k.tr_e.swap(te)
+        k.tr_t.swap(tt)
     return out
 
 
@@ -3241,6 +3256,8 @@ def json_row_columns(list rows):
     cdef int64_t[::1] mu = users
     cdef int64_t[::1] mt = tss
     for i in range(n):
+        if i >= len(rows):                  # (a row's getter shortened the list)
+            raise RuntimeError("json_row_columns: the rows changed while being read")
         row = rows[i]
         u = row.user
         t = row.ts
