@@ -95,6 +95,24 @@ def test_kernel_rejects_a_corrupt_plan():
             Kernel(arrays)
 
 
+def test_kernel_rejects_a_windowed_count_read_other_than_by_its_count_atoms():
+    # its wake-ups are only the drops its count atoms can see, so nothing else may read it
+    codes = {}
+    plan = compile_segments({"a": "count(x, 10ms) >= 2", "b": "abandoned(c, d, 1h)",
+                             "s": "sum(x.v) > 1"}, lambda n: codes.setdefault(n, len(codes)))
+    arr = plan.arrays
+    topk = list(arr["f_kind"]).index(1)                     # K_TOPK
+    abandon_atom = list(arr["a_kind"]).index(7)             # A_ABANDON
+    feat_term = list(arr["t_kind"]).index(1)                # T_FEAT
+    for key, i, msg in [("a_f", abandon_atom, "abandoned atom"),
+                        ("t_a", feat_term, "windowed count read as a value")]:
+        arrays = dict(arr)
+        arrays[key] = list(arr[key])
+        arrays[key][i] = topk
+        with pytest.raises(ValueError, match=msg):
+            Kernel(arrays)
+
+
 def test_kernel_rejects_an_age_test_on_a_feature_without_a_time():
     codes = {}
     plan = compile_segments({"a": "last_seen < now - 1d", "b": "count(x) >= 2"},

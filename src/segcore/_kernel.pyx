@@ -251,10 +251,9 @@ cdef class Kernel:
     cdef int32_t[::1] tf_start, tf_segs, ta_start, ta_segs, pred_segs
     cdef vector[uint8_t] tmark
     # per windowed count (K_TOPK) feature, the counts c whose drop to c - 1 flips one of the
-    # `count(...) op k` atoms reading it, largest first (crit_start: CSR), or crit_all set
-    # when something else reads its value: only those drops are wake-up instants
+    # `count(...) op k` atoms reading it (nothing else may: _check_plan), largest first
+    # (crit_start: CSR): only those drops are wake-up instants
     cdef int32_t[::1] crit_start, crit_list
-    cdef uint8_t[::1] crit_all
     # one event's property row (filters passed, numbers, keys): _track_fast fills it through
     # the pointers, Engine._track_general through the arrays, and both pass it to _one
     cdef readonly object row_f, row_v, row_k
@@ -482,6 +481,9 @@ cdef class Kernel:
         for i in range(nt):
             if self.t_kind[i] == T_FEAT and not 0 <= self.t_a[i] < self.n_feat:
                 raise ValueError("plan: term feature out of range")
+            if self.t_kind[i] == T_FEAT and self.f_kind[self.t_a[i]] == K_TOPK:
+                # (its wake-ups are only the drops its count atoms see: _crit_index)
+                raise ValueError("plan: a windowed count read as a value")
             if self.t_kind[i] == T_SCORE and not 0 <= self.t_a[i] < self.n_score:
                 raise ValueError("plan: term score out of range")
         if self.pred_f >= 0 and not (self.pred_f < self.n_feat and
@@ -507,6 +509,8 @@ cdef class Kernel:
                                 not 0 <= self.a_t1[a] < self.n_score or
                                 not 0 <= self.a_s[a] < self.n_patom):
                 raise ValueError("plan: bad predictive atom")
+            if k == A_ABANDON and self.f_kind[self.a_f[a]] not in (K_ABANDON, K_ABANDON_BY):
+                raise ValueError("plan: abandoned atom on another feature")
             if k == A_MODE and not (self.f_kind[self.a_f[a]] == K_MODE or (
                     self.f_kind[self.a_f[a]] == K_WLIST and self.f_key[self.a_f[a]] >= 0)):
                 raise ValueError("plan: mode atom on a feature without values")
@@ -692,33 +696,21 @@ cdef class Kernel:
         self._crit_index()
 
     cdef void _crit_index(self) except *:
-        """The windowed counts' critical drops (crit_start, crit_list, crit_all)."""
-        cdef int a, f, c, j
+        """The windowed counts' critical drops (crit_start, crit_list)."""
+        cdef int a, f, c
         crit = [set() for _ in range(self.n_feat)]
-        every = np.zeros(max(self.n_feat, 1), dtype=np.uint8)
         for a in range(self.n_atom):
-            kind = self.a_kind[a]
-            if kind == A_COUNTK and self.f_kind[self.a_f[a]] == K_TOPK:
-                f = self.a_f[a]
+            f = self.a_f[a]
+            if self.a_kind[a] == A_COUNTK and self.f_kind[f] == K_TOPK:
                 for c in range(1, self.f_k[f] + 1):
                     if cmp_v(self.a_op[a], <double>c, self.a_k[a]) != \
                             cmp_v(self.a_op[a], <double>(c - 1), self.a_k[a]):
                         crit[f].add(c)
-            elif kind in (A_ABANDON, A_MODE, A_SEQ, A_PRED):
-                every[self.a_f[a]] = 1
-            elif kind == A_TIME:
-                for j in range(self.a_t0[a], self.a_t1[a]):
-                    every[self.t_a[j]] = 1
-            elif kind == A_NUM:
-                for j in list(range(self.a_t0[a], self.a_t1[a])) + \
-                        list(range(self.a_t2[a], self.a_t3[a])):
-                    if self.t_kind[j] == T_FEAT:
-                        every[self.t_a[j]] = 1
         start, lst = [0], []
         for f in range(self.n_feat):
             lst += sorted(crit[f], reverse=True)
             start.append(len(lst))
-        self.crit_start, self.crit_list, self.crit_all = _i32(start), _i32(lst), every
+        self.crit_start, self.crit_list = _i32(start), _i32(lst)
 
     def _arr_it_seg(self): return self.it_seg
     def _arr_it_enter(self): return self.it_enter
@@ -1647,11 +1639,6 @@ cdef class Kernel:
         cdef vector[Entry]* vec
         cdef size_t i
         if kind == K_TOPK:
-            if self.crit_all[f]:
-                c = self._topk_count(u, f, t)
-                if c > 0:
-                    return ist[c - 1] + w
-                return INT64_MAX
             # the count is >= c while its c-th latest event is in the window: the next drop
             # that flips an atom is the expiry of the c-th latest for the largest such
             # critical c (the others' drops change no atom's value)
@@ -2642,21 +2629,21 @@ cdef class Kernel:
             ms[i] = self.tr_s[i]
             me[i] = self.tr_e[i]
             mt[i] = self.tr_t[i]
+        self._clear_transitions()
+        return u, s, e, t
+
+    cdef inline void _clear_transitions(self) noexcept nogil:
         self.tr_u.clear()
         self.tr_s.clear()
         self.tr_e.clear()
         self.tr_t.clear()
-        return u, s, e, t
 
     def take_transitions_list(self):
         """Drain the transition buffer as a list of (user idx, segment, entered, ts) tuples
         (cheaper than arrays for the few transitions of a single event)."""
         cdef Py_ssize_t i, n = self.tr_u.size()
         out = [(self.tr_u[i], self.tr_s[i], self.tr_e[i] != 0, self.tr_t[i]) for i in range(n)]
-        self.tr_u.clear()
-        self.tr_s.clear()
-        self.tr_e.clear()
-        self.tr_t.clear()
+        self._clear_transitions()
         return out
 
     cdef inline bint _member(self, uint32_t u, int s) noexcept nogil:
@@ -3192,47 +3179,40 @@ cdef list _drain_single(object eng, FastState fs, Kernel k):
     if _Transition is None:
         from .engine import Transition
         _Transition = Transition
-    cdef Py_ssize_t i, n = k.tr_u.size()
     cdef object names = eng._plan.names
     cdef object pub = eng._pub
     cdef dict bms = eng._bm
     cdef dict strs = fs.str_num
     cdef list out = []
+    cdef Py_ssize_t i, n = k.tr_u.size()
     cdef object num, name, bm
     cdef bint ent
-    # take the buffer first (as take_transitions_list does): whatever raises below, the
-    # kernel's buffer is already drained
-    cdef vector[uint32_t] tu
-    cdef vector[int32_t] ts_
-    cdef vector[uint8_t] te
-    cdef vector[int64_t] tt
-    tu.swap(k.tr_u)
-    ts_.swap(k.tr_s)
-    te.swap(k.tr_e)
-    tt.swap(k.tr_t)
     fs._stats["transitions"] += n
-    for i in range(n):
-        num = pub.item(tu[i])
-        name = names[ts_[i]]
-        ent = te[i] != 0
-        bm = bms.get(name)
-        if bm is not None:
-            if ent:
-                bm.add(num)
-            else:
-                bm.discard(num)
-        out.append(_Transition(strs.get(num, num) if strs else num, name, ent, tt[i]))
-    if not k.tr_u.size():                   # (give the kernel its buffers' room back)
-        tu.clear()
-        ts_.clear()
-        te.clear()
-        tt.clear()
-        k.tr_u.swap(tu)
-        k.tr_s.swap(ts_)
-        k.tr_e.swap(te)
-        k.tr_t.swap(tt)
+    try:
+        for i in range(n):
+            num = pub.item(k.tr_u[i])
+            name = names[k.tr_s[i]]
+            ent = k.tr_e[i] != 0
+            bm = bms.get(name)
+            if bm is not None:
+                if ent:
+                    bm.add(num)
+                else:
+                    bm.discard(num)
+            out.append(_Transition(strs.get(num, num) if strs else num, name, ent,
+                                   k.tr_t[i]))
+    finally:
+        k._clear_transitions()              # (drained whatever raises above)
     return out
 
+
+cdef inline bint _plain_int64(object v, int64_t* out):
+    """Store ``v`` at ``out`` if it is a plain int that fits in int64 (else False)."""
+    cdef int ovf = 0
+    if type(v) is not int:
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(v, &ovf)
+    return not ovf
 
 
 def json_row_columns(list rows):
@@ -3249,7 +3229,6 @@ def json_row_columns(list rows):
     cdef dict props = {}
     cdef list ulist = [None] * n, elist = [None] * n, tlist = [None] * n
     cdef list ids = None
-    cdef int ovf = 0
     cdef bint uint = n > 0, tint = n > 0
     users = np.empty(n, dtype=np.int64)
     tss = np.empty(n, dtype=np.int64)
@@ -3264,20 +3243,8 @@ def json_row_columns(list rows):
         ulist[i] = u
         elist[i] = row.event
         tlist[i] = t
-        if uint:
-            if type(u) is int:
-                mu[i] = PyLong_AsLongLongAndOverflow(u, &ovf)
-                if ovf:
-                    uint = False
-            else:
-                uint = False
-        if tint:
-            if type(t) is int:
-                mt[i] = PyLong_AsLongLongAndOverflow(t, &ovf)
-                if ovf:
-                    tint = False
-            else:
-                tint = False
+        uint = uint and _plain_int64(u, &mu[i])
+        tint = tint and _plain_int64(t, &mt[i])
         rid = row.id
         if rid is not None:
             if ids is None:

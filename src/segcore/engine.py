@@ -509,13 +509,6 @@ def _plain_ints(items: list) -> np.ndarray | None:
         return None
 
 
-def _int_or_object_column(items: list, n: int, field: str) -> np.ndarray:
-    """A list of plain ints as an int64 column at once (what the checks of an object column
-    would make of it), anything else as an object column."""
-    typed = _plain_ints(items)
-    return typed if typed is not None else _as_column(items, n, field)
-
-
 def _as_column(x, n: int, field: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         arr = x
@@ -1730,7 +1723,7 @@ class Engine:
                             names, self._str_num)
         if len(u):
             # (a copy of the segment column: the batch's own is the caller's to change)
-            self._pend.append((u, s.copy(), names))
+            self._pend.append((u, s.copy()))
             self._pend_n += len(u)
             if self._pend_n > _PENDING_MAX or len(self._pend) > _PENDING_BATCHES:
                 self._flush_bitmaps()
@@ -1756,23 +1749,22 @@ class Engine:
         self._pend_n = 0
 
     def _flush_bitmaps(self) -> None:
-        # (the rows are dropped only once applied: applying them again is harmless, since
-        # they only say where to look)
+        # Pending rows name the current plan's segments: whatever changes the plan flushes
+        # first. (The rows are dropped only once applied: applying them again is harmless,
+        # since they only say where to look.)
         pend = self._pend
-        kernel, bms = self._kernel, self._bm
-        groups: dict[tuple, list] = {}
-        for u, s, names in pend:
-            groups.setdefault(names, []).append((u, s))
-        for names, parts in groups.items():
-            u = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-            s = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-            on = kernel.member_bits(u, s)
-            if len(u) <= _PER_ELEMENT:
-                for num, seg, inside in zip(self._pub[u].tolist(), s.tolist(), on.tolist()):
-                    bm = bms.get(names[seg])
-                    if bm is not None:
-                        (bm.add if inside else bm.discard)(num)
-                continue
+        if not pend:
+            return
+        names, bms = self._plan.names, self._bm
+        u = np.concatenate([p[0] for p in pend]) if len(pend) > 1 else pend[0][0]
+        s = np.concatenate([p[1] for p in pend]) if len(pend) > 1 else pend[0][1]
+        on = self._kernel.member_bits(u, s)
+        if len(u) <= _PER_ELEMENT:
+            for num, seg, inside in zip(self._pub[u].tolist(), s.tolist(), on.tolist()):
+                bm = bms.get(names[seg])
+                if bm is not None:
+                    (bm.add if inside else bm.discard)(num)
+        else:
             # A user's state in a segment is the kernel's member bit, whatever happened in
             # between: add those in, take those out. One stable sort groups the rows by
             # (segment, state): a radix sort, when the keys fit in 16 bits.
