@@ -526,6 +526,20 @@ def test_bad_json_reports_the_row(make_engine):
     assert eng.stats()["events"] == 0
 
 
+@pytest.mark.parametrize("body", [
+    b'[{"user": 1, "event": "\xff", "ts": 2}]',            # bytes that are not UTF-8
+    '[{"user": 1, "event": "\ud800", "ts": 2}]',           # a str with a lone surrogate
+])
+def test_json_that_is_not_unicode_is_an_event_error(make_engine, body):
+    eng = make_engine()
+    eng.add_segment("any", "seen")
+    eng.track(1, "x", ts=1)
+    before = eng.stats()
+    with pytest.raises(EventError, match="invalid JSON"):
+        eng.track_json(body)
+    assert eng.stats() == before and eng.now == 1 and list(eng.members("any")) == [1]
+
+
 def test_rule_errors_leave_segments_unchanged(make_engine):
     eng = make_engine()
     eng.add_segment("a", "seen")

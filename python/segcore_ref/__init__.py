@@ -1158,7 +1158,7 @@ class RefEngine:
         clock_ms = self._clock_ms()
         try:
             docs = msgspec.json.decode(data)
-        except (msgspec.DecodeError, TypeError) as e:
+        except (msgspec.DecodeError, TypeError, UnicodeError) as e:
             raise EventError(f"invalid JSON: {e}") from None
         if not isinstance(docs, list):
             raise EventError("expected a JSON array of events")

@@ -2732,9 +2732,18 @@ def _check_props(props: Mapping) -> None:
                              f"{type(v).__name__}", field=f"props.{k}")
 
 
+def _utf8(data):
+    """A ``str`` body as UTF-8 bytes (one with a lone surrogate is invalid JSON)."""
+    if not isinstance(data, str):
+        return data
+    try:
+        return data.encode()
+    except UnicodeEncodeError as e:
+        raise EventError(f"invalid JSON: {e}") from None
+
+
 def _decode_events(data) -> list:
-    if isinstance(data, str):
-        data = data.encode()
+    data = _utf8(data)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise EventError("track_json takes bytes or str of a JSON array")
     try:
@@ -2748,7 +2757,7 @@ def _decode_events(data) -> list:
                 field += m.group(3).replace("['", ".").replace("']", "")
             raise EventError(msg[: m.start()], index=int(m.group(1)), field=field) from None
         raise EventError(msg) from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise EventError(f"invalid JSON: {e}") from None
     except RecursionError:
         raise EventError("the JSON is nested too deeply") from None
