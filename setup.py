@@ -1,4 +1,5 @@
-"""Builds the Cython kernel. All metadata lives in pyproject.toml.
+"""Builds the Cython extensions (the kernel and the track_json scanner). All metadata lives in
+pyproject.toml.
 
 ``SEGCORE_DEBUG=1`` builds with bounds checks, wraparound checks and no optimisation.
 """
@@ -17,11 +18,14 @@ directives = {
 }
 compile_args = ["-O0", "-g"] if debug else ["-O3"]
 
-ext = Extension(
-    "segcore._kernel",
-    ["src/segcore/_kernel.pyx"],
-    language="c++",
-    extra_compile_args=compile_args + ["-std=c++17"],
-)
+exts = [
+    Extension(
+        f"segcore.{name}",
+        [f"src/segcore/{name}.pyx"],
+        language="c++",
+        extra_compile_args=compile_args + ["-std=c++17"],
+    )
+    for name in ("_kernel", "_json")
+]
 
-setup(ext_modules=cythonize([ext], compiler_directives=directives))
+setup(ext_modules=cythonize(exts, compiler_directives=directives))

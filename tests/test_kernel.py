@@ -347,7 +347,7 @@ def test_engine_churn_of_new_and_forgotten_users_keeps_working():
 
 
 def test_json_row_columns_survives_rows_that_change_while_read():
-    from segcore._kernel import json_row_columns
+    from segcore._json import json_row_columns
 
     class Row:
         event, ts, props, id = "x", 1, None, None

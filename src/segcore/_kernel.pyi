@@ -149,12 +149,3 @@ class FastState:
 def track_entry(
     eng: Any, user: Any, event: Any, ts: Any = ..., props: Any = ..., id: Any = ...
 ) -> Any: ...
-def json_row_columns(
-    rows: list[Any],
-) -> tuple[
-    npt.NDArray[np.int64] | list[Any],
-    list[Any],
-    npt.NDArray[np.int64] | list[Any],
-    list[Any] | None,
-    dict[str, list[Any]],
-]: ...

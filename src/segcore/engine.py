@@ -36,8 +36,9 @@ from pyroaring import BitMap, FrozenBitMap
 
 from . import rules as R
 from . import wal as _wal
+from ._json import json_row_columns as _json_row_columns
+from ._json import scan_events as _scan_events
 from ._kernel import FastState, IdMap, Kernel
-from ._kernel import json_row_columns as _json_row_columns
 from ._kernel import track_entry as _track_entry
 from .compile import (DAY_MS, MAX_CONVERT_EVENTS, OPS, Plan, PredictSpec, compile_segments,
                       feature_map)
@@ -1465,9 +1466,17 @@ class Engine:
         (``ts`` in ms or ISO 8601); same contract as :meth:`track_many`."""
         return self._ingest(*_json_columns(data))
 
-    def _event_column(self, events: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+    def _event_column(self, events) -> tuple[np.ndarray, list[str] | None]:
         """Validated event column: ``(codes, None)`` for int codes, ``(inverse, names)`` for
-        names (codes for new names are assigned only once the whole batch is valid)."""
+        names (codes for new names are assigned only once the whole batch is valid); an
+        :class:`_EventNames` is a names column already factorized."""
+        if isinstance(events, _EventNames):
+            names, inv = events.names, events.inv
+            if all(names):                  # (the scanner's names are all strings)
+                return inv, names
+            bad = int(np.flatnonzero(inv == names.index(""))[0])
+            raise EventError("event must be a non-empty string, got ''", index=bad,
+                             field="event")
         n = len(events)
         if events.dtype.kind in "iu":
             if n and (events.min() < 0 or events.max() >= len(self._event_names)):
@@ -2659,8 +2668,34 @@ def _batch_columns(user, event, ts, props, id) -> tuple:
     return users, events, tss, cols, ids
 
 
+class _EventNames:
+    """An event column given as its distinct names and each row's index into them."""
+    __slots__ = ("names", "inv")
+
+    def __init__(self, names: list[str], inv: np.ndarray):
+        self.names, self.inv = names, inv
+
+
 def _json_columns(data) -> tuple:
-    """:func:`_batch_columns` of a ``track_json`` body (a JSON array of event objects)."""
+    """:func:`_batch_columns` of a ``track_json`` body (a JSON array of event objects): read
+    by the compiled scanner when the body has the common shape, else decoded by msgspec (the
+    scanner takes only bodies msgspec accepts, and builds the same columns from them)."""
+    data = _utf8(data)
+    if isinstance(data, (bytes, bytearray)):
+        fast = _scan_events(data)
+        if fast is not None:
+            users, names, inv, tss, id_list, cols = fast
+            n = len(inv)
+            return (users if isinstance(users, np.ndarray) else _as_column(users, n, "user"),
+                    _EventNames(names, inv),
+                    tss if isinstance(tss, np.ndarray) else _as_column(tss, n, "ts"),
+                    cols, _as_column(id_list, n, "id") if id_list is not None else None)
+    return _decoded_columns(data)
+
+
+def _decoded_columns(data) -> tuple:
+    """:func:`_json_columns` by the general path: msgspec decodes the rows, one compiled pass
+    makes columns of them."""
     rows = _decode_events(data)
     n = len(rows)
     # one pass over the rows, in C: users and ts as int64 when they are all plain ints
