@@ -273,8 +273,8 @@ cdef class _Scanner:
         cdef char* end = NULL
         try:
             self.num_val = PyOS_string_to_double(<const char*>self.s + start, &end, NULL)
-        except ValueError:
-            return False
+        except Exception:                   # (no number; or out of memory: the general path
+            return False                    # then takes the body and says so)
         return end == <char*>(self.s + j) and isfinite(self.num_val)
 
     cdef bint _literal(self, const char* word, int64_t k) noexcept nogil:
