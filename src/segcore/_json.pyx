@@ -290,19 +290,53 @@ cdef class _Scanner:
                 return j
         return -1
 
+    cdef object _decode(self, int64_t off, int64_t k):
+        """The str of the k bytes at ``off``, or None if they are not valid UTF-8."""
+        try:
+            return PyUnicode_DecodeUTF8(<const char*>self.s + off, k, NULL)
+        except UnicodeDecodeError:
+            return None
+
+    cdef object _str_value(self):
+        """The string at the cursor (an opening quote) as a str, moved past; None if it has
+        an escape or a control byte, is not closed or is not valid UTF-8."""
+        cdef int64_t off = self._string()
+        return None if off < 0 else self._decode(off, self.i - 1 - off)
+
+    cdef bint _narrow_int(self) noexcept:
+        """An int literal of at most MAX_INT_DIGITS digits at the cursor into num_ival,
+        moved past (else False)."""
+        if not self._number() or not self.num_int or self.num_digits > MAX_INT_DIGITS:
+            return False
+        self.i = self.num_end
+        return True
+
+    cdef int64_t _intern(self, vector[Span]* table, list objs) except -2:
+        """The string at the cursor (an opening quote), moved past, as its index in ``table``
+        (bytes) and ``objs`` (their str), added when new; -1 as :meth:`_str_value`, or past
+        MAX_NAMES distinct strings."""
+        cdef int64_t off = self._string(), k, x
+        if off < 0:
+            return -1
+        k = self.i - 1 - off
+        x = self._lookup(table, off, k)
+        if x >= 0:
+            return x
+        if <int64_t>table.size() >= MAX_NAMES:
+            return -1
+        name = self._decode(off, k)
+        if name is None:
+            return -1
+        table.push_back(Span(off, k))
+        objs.append(name)
+        return table.size() - 1
+
     cdef int _int_or_str(self, vector[int64_t]* col, int which) except -2:
         """A user (which=0) or ts (1) value at the cursor: an int that fits, or a string."""
-        cdef int64_t off
-        cdef int c
         cdef list lst = self.ulist if which == 0 else self.tlist
-        c = self._peek()
-        if c == 34:
-            off = self._string()
-            if off < 0:
-                return -1
-            try:
-                v = PyUnicode_DecodeUTF8(<const char*>self.s + off, self.i - 1 - off, NULL)
-            except UnicodeDecodeError:
+        if self._peek() == 34:
+            v = self._str_value()
+            if v is None:
                 return -1
             if lst is None:
                 lst = [x for x in col[0]]
@@ -312,9 +346,8 @@ cdef class _Scanner:
                     self.tlist = lst
             lst.append(v)
             return 0
-        if not self._number() or not self.num_int or self.num_digits > MAX_INT_DIGITS:
+        if not self._narrow_int():
             return -1
-        self.i = self.num_end
         if lst is None:
             col.push_back(self.num_ival)
         else:
@@ -323,7 +356,7 @@ cdef class _Scanner:
 
     cdef int _props(self, int64_t row) except -2:
         """A ``props`` object (or null) at the cursor: each value's token under its name."""
-        cdef int64_t off, k, kx
+        cdef int64_t kx
         cdef int c
         cdef Tok t
         if self._peek() == 110:                              # null
@@ -338,21 +371,10 @@ cdef class _Scanner:
         while True:
             if self._peek() != 34:
                 return -1
-            off = self._string()
-            if off < 0:
-                return -1
-            k = self.i - 1 - off
-            kx = self._lookup(&self.keys, off, k)
+            kx = self._intern(&self.keys, self.key_objs)
             if kx < 0:
-                if <int64_t>self.keys.size() >= MAX_NAMES:
-                    return -1
-                try:
-                    name = PyUnicode_DecodeUTF8(<const char*>self.s + off, k, NULL)
-                except UnicodeDecodeError:
-                    return -1
-                kx = self.keys.size()
-                self.keys.push_back(Span(off, k))
-                self.key_objs.append(name)
+                return -1
+            if kx == <int64_t>self.toks.size():                # a new name
                 self.toks.resize(kx + 1)
             elif self.toks[kx].size() and self.toks[kx].back().row == row:
                 return -1                                    # a repeated name
@@ -438,7 +460,7 @@ cdef class _Scanner:
     cdef int _row(self, int64_t row) except -2:
         """One event object at the cursor (just past its ``{``)."""
         cdef int seen = 0, f, c
-        cdef int64_t off, k, ex
+        cdef int64_t ex
         self._ws()
         while True:
             f = self._field()
@@ -459,21 +481,9 @@ cdef class _Scanner:
             elif f == F_EVENT:
                 if self._peek() != 34:
                     return -1
-                off = self._string()
-                if off < 0:
-                    return -1
-                k = self.i - 1 - off
-                ex = self._lookup(&self.names, off, k)
+                ex = self._intern(&self.names, self.name_objs)
                 if ex < 0:
-                    if <int64_t>self.names.size() >= MAX_NAMES:
-                        return -1
-                    try:
-                        name = PyUnicode_DecodeUTF8(<const char*>self.s + off, k, NULL)
-                    except UnicodeDecodeError:
-                        return -1
-                    ex = self.names.size()
-                    self.names.push_back(Span(off, k))
-                    self.name_objs.append(name)
+                    return -1
                 self.inv.push_back(ex)
             elif f == F_PROPS:
                 if self._props(row) < 0:
@@ -494,24 +504,18 @@ cdef class _Scanner:
         return 0 if seen & (F_USER | F_EVENT | F_TS) == (F_USER | F_EVENT | F_TS) else -1
 
     cdef int _id(self, int64_t row) except -2:
-        cdef int64_t off
-        cdef int c
-        c = self._peek()
+        """An ``id`` at the cursor: null, a string or an int that fits."""
+        cdef int c = self._peek()
         if c == 110:
             return 0 if self._literal(b"null", 4) else -1
         if c == 34:
-            off = self._string()
-            if off < 0:
+            v = self._str_value()
+            if v is None:
                 return -1
-            try:
-                v = PyUnicode_DecodeUTF8(<const char*>self.s + off, self.i - 1 - off, NULL)
-            except UnicodeDecodeError:
-                return -1
-        else:
-            if not self._number() or not self.num_int or self.num_digits > MAX_INT_DIGITS:
-                return -1
-            self.i = self.num_end
+        elif self._narrow_int():
             v = self.num_ival
+        else:
+            return -1
         self.id_rows.push_back(row)
         self.id_objs.append(v)
         return 0
@@ -527,7 +531,8 @@ cdef class _Scanner:
 
     cdef object _prop_column(self, int64_t kx, int64_t n):
         """A property's column as the general path builds it: float64 (NaN where absent)
-        when every value is a number (and one at least), else an object column."""
+        when every value is a number (and one at least), else an object column; None if a
+        string is not valid UTF-8."""
         cdef vector[Tok]* ts = &self.toks[kx]
         cdef size_t j
         cdef bint numeric = True, has_num = False, has_int = False, wide = False
@@ -565,7 +570,9 @@ cdef class _Scanner:
                 if c_len[h] == t.len and memcmp(self.s + c_off[h], self.s + t.off, t.len) == 0:
                     v = cache[h]
                 else:
-                    v = PyUnicode_DecodeUTF8(<const char*>self.s + t.off, t.len, NULL)
+                    v = self._decode(t.off, t.len)
+                    if v is None:
+                        return None
                     cache[h] = v
                     c_off[h] = t.off
                     c_len[h] = t.len
@@ -615,10 +622,7 @@ def scan_events(const unsigned char[::1] body):
         if sc._peek() != 123:                                # {
             return None
         sc.i += 1
-        try:
-            if sc._row(row) < 0:
-                return None
-        except UnicodeDecodeError:
+        if sc._row(row) < 0:
             return None
         row += 1
         sc._ws()
@@ -635,10 +639,12 @@ def scan_events(const unsigned char[::1] body):
     if sc.i != sc.n:
         return None
     n = row
-    try:
-        props = {sc.key_objs[kx]: sc._prop_column(kx, n) for kx in range(sc.keys.size())}
-    except UnicodeDecodeError:
-        return None
+    props = {}
+    for kx in range(<int64_t>sc.keys.size()):
+        col = sc._prop_column(kx, n)
+        if col is None:
+            return None
+        props[sc.key_objs[kx]] = col
     ids = None
     if sc.id_rows.size():
         ids = [None] * n

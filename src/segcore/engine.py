@@ -1472,20 +1472,14 @@ class Engine:
         :class:`_EventNames` is a names column already factorized."""
         if isinstance(events, _EventNames):
             names, inv = events.names, events.inv
-            if all(names):                  # (the scanner's names are all strings)
-                return inv, names
-            bad = int(np.flatnonzero(inv == names.index(""))[0])
-            raise EventError("event must be a non-empty string, got ''", index=bad,
-                             field="event")
-        n = len(events)
-        if events.dtype.kind in "iu":
-            if n and (events.min() < 0 or events.max() >= len(self._event_names)):
+        elif events.dtype.kind in "iu":
+            if len(events) and (events.min() < 0 or events.max() >= len(self._event_names)):
                 bad = int(np.flatnonzero((events < 0) |
                                          (events >= len(self._event_names)))[0])
                 raise EventError(f"unknown event code {int(events[bad])} (use "
                                  "eng.event_code(name))", index=bad, field="event")
             return events.astype(np.int32), None
-        if events.dtype.kind == "U":
+        elif events.dtype.kind == "U":
             names, inv = np.unique(events, return_inverse=True)
             names = names.tolist()
         elif events.dtype.kind == "O":
@@ -2685,12 +2679,17 @@ def _json_columns(data) -> tuple:
         fast = _scan_events(data)
         if fast is not None:
             users, names, inv, tss, id_list, cols = fast
-            n = len(inv)
-            return (users if isinstance(users, np.ndarray) else _as_column(users, n, "user"),
-                    _EventNames(names, inv),
-                    tss if isinstance(tss, np.ndarray) else _as_column(tss, n, "ts"),
-                    cols, _as_column(id_list, n, "id") if id_list is not None else None)
+            users, tss, ids = _id_time_columns(users, tss, id_list, len(inv))
+            return users, _EventNames(names, inv), tss, cols, ids
     return _decoded_columns(data)
+
+
+def _id_time_columns(users, tss, id_list, n: int) -> tuple:
+    """The user, ts and id columns of a body (arrays as they are, lists as object columns;
+    no ids: None)."""
+    return (users if isinstance(users, np.ndarray) else _as_column(users, n, "user"),
+            tss if isinstance(tss, np.ndarray) else _as_column(tss, n, "ts"),
+            _as_column(id_list, n, "id") if id_list is not None else None)
 
 
 def _decoded_columns(data) -> tuple:
@@ -2700,10 +2699,8 @@ def _decoded_columns(data) -> tuple:
     n = len(rows)
     # one pass over the rows, in C: users and ts as int64 when they are all plain ints
     users, events, tss, id_list, props = _json_row_columns(rows)
-    users = users if isinstance(users, np.ndarray) else _as_column(users, n, "user")
+    users, tss, ids = _id_time_columns(users, tss, id_list, n)
     events = _as_column(events, n, "event")
-    tss = tss if isinstance(tss, np.ndarray) else _as_column(tss, n, "ts")
-    ids = _as_column(id_list, n, "id") if id_list is not None else None
     cols: dict[str, np.ndarray] = {}
     bad: tuple[int, int, str, str] | None = None
     for k, vals in props.items():
@@ -2778,7 +2775,7 @@ def _utf8(data):
 
 
 def _decode_events(data) -> list:
-    data = _utf8(data)
+    """The rows of a body (bytes or a buffer: :func:`_json_columns` encodes a str)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise EventError("track_json takes bytes or str of a JSON array")
     try:
