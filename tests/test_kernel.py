@@ -310,6 +310,24 @@ def test_id_map_finds_every_id_and_grows_to_half_load():
     assert (m.lookup(missing) == -1).all()
 
 
+def test_id_map_edges_of_keys_and_indices():
+    from segcore._kernel import IdMap
+    m = IdMap(16)
+    m.put(0, 0)
+    m.put(2**32 - 1, 2**32 - 3)             # the largest key and the largest index it holds
+    assert m.get(0) == 0 and m.get(2**32 - 1) == 2**32 - 3 and m.get(1) == -1
+    for bad in (-1, 2**32 - 2, 2**40):
+        with pytest.raises(ValueError, match="dense indices must be >= 0 and < 2\\*\\*32 - 2"):
+            m.put(5, bad)
+        with pytest.raises(ValueError, match="dense indices"):
+            m.insert(np.array([5, 6], np.uint32), np.array([1, bad], np.int64))
+    assert m.size == 2 and m.get(5) == -1 and m.get(6) == -1     # nothing half-inserted
+    m.remove(0)
+    m.put(0, 7)                             # a removed key comes back with a new index
+    assert m.get(0) == 7 and m.size == 2
+    assert list(m.lookup(np.array([2**32 - 1, 0, 3], np.uint32))) == [2**32 - 3, 7, -1]
+
+
 def test_an_engine_subclass_keeps_its_own_track():
     calls = []
 

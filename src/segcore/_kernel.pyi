@@ -117,7 +117,7 @@ class Kernel:
 
 @final
 class IdMap:
-    """Open-addressing hash map from uint32 user numbers to dense int64 indices."""
+    """Open-addressing hash map from uint32 user numbers to dense indices (< 2**32 - 2)."""
 
     size: int
     capacity: int

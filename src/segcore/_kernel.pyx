@@ -112,6 +112,8 @@ cdef enum:
 
 
 cdef int64_t DAY_MS = 86400000
+#: dense user indices an IdMap can hold (its slots keep the index plus 2 in 32 bits)
+cdef int64_t ID_LIMIT = (<int64_t>1 << 32) - 2
 #: how far ahead one search for a score's crossing looks (~2230 years); past it, re-check then
 cdef int64_t PRED_REACH = (<int64_t>1) << 46
 
@@ -2875,14 +2877,15 @@ cdef class Kernel:
 
 @cython.final
 cdef class IdMap:
-    """Open-addressing hash map from uint32 user numbers to dense int64 indices.
+    """Open-addressing hash map from uint32 user numbers to dense indices (< 2**32 - 2).
 
-    Linear probing, capacity a power of two, load factor at most 1/2.
+    Linear probing, capacity a power of two, load factor at most 1/2. A slot is one uint64:
+    the key in the low half, the dense index plus 2 in the high half (0: never used, 1: a
+    removed key, which lookups probe past), so a probe reads one cache line.
     """
 
-    cdef object _keys, _vals
-    cdef uint32_t* keys
-    cdef int64_t* vals
+    cdef object _slots
+    cdef uint64_t* slots
     cdef readonly int64_t size, capacity
     cdef int64_t used
 
@@ -2895,13 +2898,10 @@ cdef class IdMap:
         self._alloc(cap)
 
     cdef void _alloc(self, int64_t cap) except *:
-        keys = np.zeros(cap, dtype=np.uint32)
-        vals = np.full(cap, -1, dtype=np.int64)
-        cdef uint32_t[::1] mk = keys
-        cdef int64_t[::1] mv = vals
-        self._keys, self._vals = keys, vals
-        self.keys = &mk[0]
-        self.vals = &mv[0]
+        slots = np.zeros(cap, dtype=np.uint64)
+        cdef uint64_t[::1] ms = slots
+        self._slots = slots
+        self.slots = &ms[0]
         self.capacity = cap
 
     cdef inline int64_t _home(self, uint32_t key) noexcept nogil:
@@ -2911,16 +2911,23 @@ cdef class IdMap:
 
     cdef inline void _prefetch(self, uint32_t key) noexcept nogil:
         """Start fetching the first slot :meth:`_slot` probes for ``key``."""
-        cdef int64_t i = self._home(key)
-        SEGCORE_PREFETCH(self.vals + i)
-        SEGCORE_PREFETCH(self.keys + i)
+        SEGCORE_PREFETCH(self.slots + self._home(key))
 
     cdef inline int64_t _slot(self, uint32_t key) noexcept nogil:
+        """The slot holding ``key``, or the never-used slot where its probe ends."""
         cdef int64_t mask = self.capacity - 1
         cdef int64_t i = self._home(key)
-        while self.vals[i] != -1 and self.keys[i] != key:   # -2: deleted, keep probing
+        cdef uint64_t x = self.slots[i]
+        while (x >> 32) != 0 and <uint32_t>x != key:
             i = (i + 1) & mask
+            x = self.slots[i]
         return i
+
+    cdef inline int64_t _find(self, uint32_t key) noexcept nogil:
+        """Dense index of ``key``, or -1."""
+        cdef uint64_t x = self.slots[self._slot(key)]
+        cdef int64_t c = <int64_t>(x >> 32)
+        return c - 2 if c >= 2 else -1
 
     def lookup(self, const uint32_t[::1] ids not None):
         """Dense index of each id, -1 where unknown."""
@@ -2929,31 +2936,27 @@ cdef class IdMap:
         cdef int64_t[::1] mo = out
         with nogil:
             for i in range(n):
-                mo[i] = self.vals[self._slot(ids[i])]
-                if mo[i] < 0:
-                    mo[i] = -1
+                mo[i] = self._find(ids[i])
         return out
 
     def get(self, uint32_t key):
-        cdef int64_t v = self.vals[self._slot(key)]
-        return v if v >= 0 else -1
+        return self._find(key)
 
     def remove(self, uint32_t key):
         """Forget a key (its slot becomes a tombstone that lookups probe past)."""
         cdef int64_t s = self._slot(key)
-        if self.vals[s] >= 0:
-            self.vals[s] = -2
+        if (self.slots[s] >> 32) >= 2:
+            self.slots[s] = (<uint64_t>1 << 32) | key
             self.size -= 1
 
     def insert(self, const uint32_t[::1] ids not None, const int64_t[::1] dense not None):
         """Add ids (not already present) with their dense indices."""
         cdef Py_ssize_t n = ids.shape[0], i
-        cdef int64_t s
         if dense.shape[0] != n:
             raise ValueError("insert: ids and dense differ in length")
         for i in range(n):
-            if dense[i] < 0:
-                raise ValueError("insert: dense indices must be >= 0")
+            if not 0 <= dense[i] < ID_LIMIT:
+                raise ValueError("insert: dense indices must be >= 0 and < 2**32 - 2")
         if 2 * (self.used + n) > self.capacity:     # tombstones count until a rehash
             self._grow(self.size + n)
         for i in range(n):
@@ -2961,32 +2964,33 @@ cdef class IdMap:
 
     def put(self, uint32_t key, int64_t dense):
         """Add one id (not already present) with its dense index."""
-        if dense < 0:
-            raise ValueError("put: dense indices must be >= 0")
+        if not 0 <= dense < ID_LIMIT:
+            raise ValueError("put: dense indices must be >= 0 and < 2**32 - 2")
         if 2 * (self.used + 1) > self.capacity:
             self._grow(self.size + 1)
         self._put(key, dense)
 
     cdef inline void _put(self, uint32_t key, int64_t dense) noexcept:
         cdef int64_t s = self._slot(key)
-        if self.vals[s] == -1:
+        cdef uint64_t c = self.slots[s] >> 32
+        if c == 0:
             self.used += 1                  # a never-used slot (tombstones stay used)
-        if self.vals[s] < 0:
+        if c < 2:
             self.size += 1
-        self.keys[s] = key
-        self.vals[s] = dense
+        self.slots[s] = (<uint64_t>(dense + 2) << 32) | key
 
     cdef void _grow(self, int64_t need) except *:
         """Rehash into the smallest power of two holding ``need`` keys at load 1/2."""
-        old_keys, old_vals = self._keys, self._vals
+        old = self._slots
         cap = self.capacity
         while cap < 2 * need:
             cap *= 2
         self._alloc(cap)
         self.size = 0
         self.used = 0
-        live = old_vals >= 0
-        self.insert(np.ascontiguousarray(old_keys[live]), np.ascontiguousarray(old_vals[live]))
+        live = old[(old >> np.uint64(32)) >= 2]
+        self.insert(np.ascontiguousarray(live & np.uint64(0xFFFFFFFF), dtype=np.uint32),
+                    ((live >> np.uint64(32)).astype(np.int64) - 2))
 
 
 # ---------------------------------------------------------------------- Engine.track's short path
@@ -3071,7 +3075,7 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
         spec = eng._fast_spec(event)
     if not spec:
         return None
-    cdef int64_t d = ids.vals[ids._slot(<uint32_t>uid)]
+    cdef int64_t d = ids._find(<uint32_t>uid)
     if fs.str_num and user in fs.str_num:
         return None                         # a number given to a string id: an error
     cdef Kernel k = fs.kernel
