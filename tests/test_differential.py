@@ -6,7 +6,11 @@ window edges, one millisecond either side, on equal timestamps, and on exits wit
 After every call the transitions returned and every segment's members must be identical.
 """
 
+import io
+import re
+
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -346,3 +350,60 @@ def test_json_bodies_match_the_reference(bodies):
         assert outs[0] == outs[1], body
         for n in names:
             assert list(engines[0].members(n)) == list(engines[1].members(n)), n
+
+
+class _WideRows:
+    """Kernels built inside this block store int64 counter rows, whatever their plan."""
+
+    def __enter__(self):
+        segcore._kernel._wide_rows_only[0] = True
+
+    def __exit__(self, *exc):
+        segcore._kernel._wide_rows_only[0] = False
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(sorted(RULES)), min_size=1, max_size=8, unique=True),
+       st.lists(ops, min_size=1, max_size=40), st.integers(0, 3), st.integers(0, 40),
+       st.sampled_from(sorted(RULES)))
+def test_packed_rows_match_int64_rows(names, script, seed, at, extra):
+    """The same script on a kernel with packed counter rows and on one with int64 rows: the
+    same transitions, members and exported counters after every step, through a plan change
+    (a segment added at step ``at``) and a snapshot round trip."""
+    rules = _rules(names)
+    a = segcore.Engine(seed=seed)
+    with _WideRows():
+        b = segcore.Engine(seed=seed)
+        tb = b.add_segments(rules)
+    ta = a.add_segments(rules)
+    _check_same(a, b, ta, tb, "add_segments")
+    assert a._kernel.packed == (a._kernel.istride > 0) and not b._kernel.packed
+    state = {"now": 100}
+    a.advance(100)
+    b.advance(100)
+    for i, op in enumerate(script):
+        if i == at and extra not in a.segments:
+            more = {n: r for n, r in _rules([extra]).items() if n not in a.segments}
+            try:                            # (refused when it needs history not kept)
+                ta = a.add_segments(more)
+            except segcore.RuleError as e:
+                with _WideRows(), pytest.raises(segcore.RuleError, match=re.escape(str(e))):
+                    b.add_segments(more)
+            else:
+                with _WideRows():
+                    tb = b.add_segments(more)
+                _check_same(a, b, ta, tb, f"adding {more}")
+            buf = io.BytesIO()
+            a.snapshot(buf)
+            buf.seek(0)
+            a = segcore.Engine.restore(buf)
+        (ta,) = _run((a,), op, state)
+        with _WideRows():
+            (tb,) = _run((b,), op, state)
+        _check_same(a, b, ta, tb, f"step {i}: {op}")
+        assert a._kernel.packed == (a._kernel.istride > 0) and not b._kernel.packed
+        ka, kb = a._kernel.export_state(), b._kernel.export_state()
+        assert np.array_equal(ka["istate"], kb["istate"]), f"counters differ after step {i}"
+        state["now"] = a.now
+    ta, tb = a.advance(a.now + 10_000), b.advance(b.now + 10_000)
+    _check_same(a, b, ta, tb, "final advance")

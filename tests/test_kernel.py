@@ -294,6 +294,41 @@ def test_membership_flags_span_bytes_and_survive_export_and_import():
     assert not twin.member_row(0).any()
 
 
+def test_packed_counter_rows_keep_every_value_and_widen_for_those_that_do_not_fit():
+    rules = {"a": "count(x, 1d) >= 2", "b": "first_seen >= now - 1d", "c": "count(y) >= 1",
+             "d": "abandoned(x, y, 1h)"}
+    k, plan, codes = _counting_kernel(rules)
+    k.add_users(2, np.zeros(2, dtype=np.int32))
+    assert k.packed and k.istride == 6
+    init = plan.arrays["irow_init"]
+    st = k.export_state()
+    assert list(st["istate"]) == list(init) * 3          # fresh rows read as the sentinels
+    for ts in (0, 5, 2**48 - 2):
+        _one(k, plan, codes["x"], ts)
+    _one(k, plan, codes["y"], 2**48 - 2)
+    row = k.export_state()["istate"][:6]
+    assert list(row) == [2**48 - 2, 5, 0, 1, 2**48 - 2, 2**48 - 2] and k.packed
+    # a restored snapshot is read back as written, whatever its values
+    st = k.export_state()
+    odd = st["istate"].copy()
+    odd[6:12] = [-5, 2**62, init[2], 7, np.iinfo(np.int64).max, 3]     # user 1: not packable
+    twin = Kernel(plan.arrays)
+    twin.import_state(dict(st, istate=odd))
+    assert not twin.packed and list(twin.export_state()["istate"]) == list(odd)
+    same = Kernel(plan.arrays)
+    same.import_state(st)
+    assert same.packed and list(same.export_state()["istate"]) == list(st["istate"])
+    # forgetting resets the row; the user's neighbours keep theirs
+    same.forget(0)
+    assert list(same.export_state()["istate"]) == list(init) + list(st["istate"][6:])
+    # the one timestamp a packed slot cannot hold turns the rows to int64, values kept
+    _one(k, plan, codes["x"], 2**48 - 1)
+    assert not k.packed
+    assert list(k.export_state()["istate"][:6]) == [2**48 - 1, 2**48 - 2, 0, 1, 2**48 - 1,
+                                                    2**48 - 2]
+    assert list(k.export_state()["istate"][6:]) == list(init) * 2
+
+
 def test_id_map_finds_every_id_and_grows_to_half_load():
     from segcore._kernel import IdMap
     m = IdMap(16)

@@ -540,6 +540,38 @@ def test_json_that_is_not_unicode_is_an_event_error(make_engine, body):
     assert eng.stats() == before and eng.now == 1 and list(eng.members("any")) == [1]
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_the_last_millisecond_before_2_48_is_exact(make_engine, engine_kind, batch):
+    """The kernel packs counters in 48 bits; the last valid ts (2**48 - 1) does not fit, and
+    must change nothing about the answers (the kernel then keeps int64 rows)."""
+    last = 2**48 - 1
+    eng = make_engine()
+    eng.add_segments({"recent": "did(x, 1h)", "three": "count(x) >= 3",
+                      "new": "first_seen >= now - 7d", "quiet": "seen and inactive(1h)"})
+    eng.track(1, "x", ts=last - 3 * 3_600_000)
+    eng.track(1, "x", ts=last - 2)
+    assert sorted(eng.members("recent")) == [1] and not list(eng.members("three"))
+    if engine_kind == "kernel":
+        assert eng._kernel.packed
+
+    def send(user, ts):
+        if batch:
+            return eng.track_many(user=[user], event=["x"], ts=[ts])
+        return eng.track(user, "x", ts=ts)
+
+    got = send(1, last)
+    assert [(t.user, t.segment, t.entered, t.ts) for t in got] == [(1, "three", True, last)]
+    if engine_kind == "kernel":
+        assert not eng._kernel.packed
+    got = send(2, last)
+    assert sorted((t.segment, t.entered) for t in got) == [("new", True), ("recent", True)]
+    assert sorted(eng.members("recent")) == [1, 2] and sorted(eng.members("three")) == [1]
+    assert sorted(eng.members("new")) == [1, 2] and not list(eng.members("quiet"))
+    got = send(3, last - 1)                 # late, after the rows changed form
+    assert sorted(t.segment for t in got) == ["new", "recent"]
+    assert eng.now == last and eng.stats()["events"] == 5
+
+
 def test_rule_errors_leave_segments_unchanged(make_engine):
     eng = make_engine()
     eng.add_segment("a", "seen")

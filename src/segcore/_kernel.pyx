@@ -9,6 +9,12 @@ float columns, keeps every user's hot state in flat typed arrays, and appends
 Invariants (see docs/semantics.md):
 
 * ``now`` never decreases; every evaluation happens at a time >= every earlier evaluation.
+* A user's counter row is ``istride`` int64 values. Unless the plan has predictive scores (whose
+  day ring packs 16-bit counters into int64 words), rows are stored packed, 6 bytes a value
+  (see ``_row``): the code 0 is the slot's initial value (its "none" sentinel, or a count's 0)
+  and any other code is the value plus 1, so every timestamp below 2**48 - 1 and every count
+  below 2**48 - 1 fits. A value that does not fit (the last millisecond ts = 2**48 - 1, or a
+  snapshot's) turns the table to int64 rows for good (``_widen``) before it is stored.
 * ``wake[u]`` is the next instant > last evaluation of ``u`` at which any time-dependent input
   of ``u`` can change (a windowed event expiring, an abandoned cart maturing, an age test
   flipping), or INT64_MAX. The heap holds ``(wake, u)`` pairs; entries whose time differs from
@@ -20,6 +26,7 @@ cimport cython
 from libc.stdint cimport (int64_t, int32_t, int8_t, uint32_t, uint64_t, uint8_t, INT64_MAX,
                           INT64_MIN)
 from libc.math cimport isnan, NAN, INFINITY, exp, log, log1p, expm1, fabs
+from libc.string cimport memcpy, memset
 from libcpp.vector cimport vector
 cdef extern from "Python.h":
     long long PyLong_AsLongLongAndOverflow(object, int*) except? -1
@@ -114,6 +121,11 @@ cdef enum:
 cdef int64_t DAY_MS = 86400000
 #: dense user indices an IdMap can hold (its slots keep the index plus 2 in 32 bits)
 cdef int64_t ID_LIMIT = (<int64_t>1 << 32) - 2
+#: the largest value a packed counter slot holds besides its initial value
+cdef int64_t PACK_MAX = (<int64_t>1 << 48) - 2
+cdef uint64_t MASK48 = ((<uint64_t>1) << 48) - 1
+#: tests set this to build kernels with int64 rows whatever their plan
+_wide_rows_only = [False]
 #: how far ahead one search for a score's crossing looks (~2230 years); past it, re-check then
 cdef int64_t PRED_REACH = (<int64_t>1) << 46
 
@@ -284,7 +296,15 @@ cdef class Kernel:
     cdef readonly int64_t n_users, cap, now
     cdef readonly int64_t n_fired, n_evals      # timers fired, segment evaluations
     cdef object _istate, _fstate, _members, _tbits, _scores, _bucket, _wake
-    cdef int64_t* istate
+    cdef int64_t* istate        # int64 rows (NULL while packed)
+    # packed rows (docs at the top): prow bytes a user; rc is user rc_u's row decoded, the
+    # only copy of it that is current until _row moves to another user or _flush
+    cdef readonly bint packed
+    cdef uint8_t* pstate
+    cdef int64_t prow, rc_u
+    cdef vector[int64_t] rc
+    cdef vector[uint8_t] pbuf
+    cdef const int64_t* iinit
     cdef double* fstate
     cdef uint8_t* members       # membership flags, one bit per segment, mstride bytes a user
     cdef readonly int mstride
@@ -400,6 +420,12 @@ cdef class Kernel:
         self.irow_init = _i64(plan["irow_init"])
         self.frow_init = _f64(plan["frow_init"])
         self._check_plan()
+        self.iinit = &self.irow_init[0] if self.istride else NULL
+        self.packed = self.pred_f < 0 and self.istride > 0 and not _wide_rows_only[0]
+        self.prow = 6 * self.istride
+        self.rc_u = -1
+        self.rc.resize(max(self.istride, 1))
+        self.pbuf.resize(self.prow + 8)
         self._wake_index()
         self.wheel.resize(WHEEL_N)
         self.row_f = np.zeros(max(self.n_filter, 1), dtype=np.uint8)
@@ -771,7 +797,9 @@ cdef class Kernel:
         cdef int64_t nseg = self.mstride         # bytes of membership bits a user
         cdef int64_t ntr = self.n_trait
         cdef int64_t nsc = self.n_score
-        istate = np.zeros(cap * istride, dtype=np.int64)
+        # (packed: zero codes are initial values; 8 spare bytes let the last slot load as 8)
+        istate = np.zeros(cap * self.prow + 8, dtype=np.uint8) if self.packed else \
+            np.zeros(cap * istride, dtype=np.int64)
         fstate = np.zeros(cap * fstride, dtype=np.float64)
         members = np.zeros(cap * nseg, dtype=np.uint8)
         # (one spare element keeps the pointers valid when no rule uses traits or scores)
@@ -790,7 +818,8 @@ cdef class Kernel:
             fresh[:old] = self._fresh[:old]
             dead[: old * ni] = self._dead[: old * ni]
             jpos[: old * ni] = self._jpos[: old * ni]
-            istate[: old * istride] = self._istate[: old * istride]
+            istate[: old * (self.prow if self.packed else istride)] = \
+                self._istate[: old * (self.prow if self.packed else istride)]
             fstate[: old * fstride] = self._fstate[: old * fstride]
             members[: old * nseg] = self._members[: old * nseg]
             tbits[: old * ntr] = self._tbits[: old * ntr]
@@ -810,14 +839,22 @@ cdef class Kernel:
         cdef int32_t[::1] mjp = jpos
         self.dead = &mdd[0]
         self.jpos = &mjp[0]
-        cdef int64_t[::1] mi = istate
+        cdef int64_t[::1] mi
+        cdef uint8_t[::1] mp
+        if self.packed:
+            mp = istate
+            self.pstate = &mp[0]
+            self.istate = NULL
+        else:
+            mi = istate
+            self.istate = &mi[0]
+            self.pstate = NULL
         cdef double[::1] mf = fstate
         cdef uint8_t[::1] mm = members
         cdef uint8_t[::1] mt = tbits
         cdef double[::1] ms = scores
         cdef int32_t[::1] mb = bucket
         cdef int64_t[::1] mw = wake
-        self.istate = &mi[0]
         self.fstate = &mf[0]
         self.members = &mm[0]
         self.tbits = &mt[0]
@@ -837,15 +874,101 @@ cdef class Kernel:
         if self.n_users + n > self.cap:
             newcap = max(self.cap * 2, self.n_users + n, 16)
             self._alloc(newcap)
+        if self.packed:
+            memset(self.pstate + self.n_users * self.prow, 0, n * self.prow)
         for i in range(n):
             u = self.n_users + i
-            for j in range(self.istride):
-                self.istate[u * self.istride + j] = self.irow_init[j]
+            if not self.packed:
+                for j in range(self.istride):
+                    self.istate[u * self.istride + j] = self.irow_init[j]
             for j in range(self.fstride):
                 self.fstate[u * self.fstride + j] = self.frow_init[j]
             self.bucket[u] = buckets[i]
             self.fresh[u] = 1     # first evaluation covers every segment
         self.n_users += n
+
+    # ------------------------------------------------------------------ counter rows
+    cdef inline int64_t* _row(self, uint32_t u) noexcept nogil:
+        """User u's counter row as int64 values, to read and write in place. Packed, it is
+        the decoded copy ``rc`` (written back when another user's row is asked for, or at
+        _flush): never hold it across a _row call for another user."""
+        if not self.packed:
+            return self.istate + <int64_t>u * self.istride
+        if <int64_t>u != self.rc_u:
+            if self.rc_u >= 0:
+                self._pack(self.rc.data(), self.pstate + self.rc_u * self.prow)
+            self._unpack(self.pstate + <int64_t>u * self.prow, self.rc.data())
+            self.rc_u = u
+        return self.rc.data()
+
+    cdef inline const char* _row_addr(self, uint32_t u) noexcept nogil:
+        """Where user u's row is stored (to prefetch)."""
+        if self.packed:
+            return <const char*>(self.pstate + <int64_t>u * self.prow)
+        return <const char*>(self.istate + <int64_t>u * self.istride)
+
+    cdef inline void _unpack(self, const uint8_t* p, int64_t* out) noexcept nogil:
+        cdef int j
+        cdef uint64_t x
+        for j in range(self.istride):
+            memcpy(&x, p + 6 * j, 8)
+            x &= MASK48
+            out[j] = self.iinit[j] if x == 0 else <int64_t>x - 1
+
+    cdef inline void _pack(self, const int64_t* v, uint8_t* p) noexcept nogil:
+        cdef int j
+        cdef uint64_t x
+        cdef uint8_t* b = self.pbuf.data()
+        for j in range(self.istride):
+            x = 0 if v[j] == self.iinit[j] else <uint64_t>(v[j] + 1)
+            memcpy(b + 6 * j, &x, 8)
+        memcpy(p, b, self.prow)
+
+    cdef inline void _flush(self) noexcept nogil:
+        """Write the decoded row back to the packed table (before reading the table whole)."""
+        if self.packed and self.rc_u >= 0:
+            self._pack(self.rc.data(), self.pstate + self.rc_u * self.prow)
+            self.rc_u = -1
+
+    cdef inline bint _fits(self, int64_t v, int j) noexcept nogil:
+        """Whether slot j of a packed row can hold v."""
+        return v == self.iinit[j] or 0 <= v <= PACK_MAX
+
+    cdef void _widen(self) except *:
+        """Store the rows as int64 from now on (a value arrived that packed rows cannot
+        hold)."""
+        if not self.packed:
+            return
+        self._flush()
+        wide = np.empty(max(self.cap * self.istride, 1), dtype=np.int64)
+        cdef int64_t[::1] mw = wide
+        cdef int64_t u
+        for u in range(self.cap):
+            self._unpack(self.pstate + u * self.prow, &mw[u * self.istride])
+        self._istate = wide
+        self.istate = &mw[0]
+        self.pstate = NULL
+        self.packed = False
+
+    cdef void _load_row(self, int64_t u, int64_t* out) noexcept nogil:
+        """Copy user u's row (decoded) to out."""
+        if self.packed and u != self.rc_u:
+            self._unpack(self.pstate + u * self.prow, out)
+        elif self.istride:
+            memcpy(out, self._row(<uint32_t>u), self.istride * sizeof(int64_t))
+
+    cdef void _store_row(self, int64_t u, const int64_t* v) except *:
+        """Set user u's row to v, turning the table to int64 rows if v does not fit."""
+        cdef int j
+        if self.packed:
+            for j in range(self.istride):
+                if not self._fits(v[j], j):
+                    self._widen()
+                    break
+        if self.packed and u != self.rc_u:
+            self._pack(v, self.pstate + u * self.prow)
+        elif self.istride:
+            memcpy(self._row(<uint32_t>u), v, self.istride * sizeof(int64_t))
 
     # ------------------------------------------------------------------ feature updates
     cdef inline bint _in_window(self, int f, int64_t ts, int64_t t) noexcept nogil:
@@ -875,7 +998,7 @@ cdef class Kernel:
                          const double* vp, const int64_t* kp) noexcept nogil:
         """Apply one event to feature f; False when f's state did not change."""
         cdef int kind = self.f_kind[f]
-        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef int64_t* ist = self._row(u) + self.f_ioff[f]
         cdef double* fst
         cdef int k, j, pos
         cdef double v = NAN
@@ -1007,7 +1130,7 @@ cdef class Kernel:
     cdef void _pred_add(self, uint32_t u, int f, int32_t e, int64_t ts, double v) noexcept nogil:
         """Purchase statistics (first/last purchase, count, amounts) and the day ring: per
         day, the number of events of any type and of each convert event type."""
-        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef int64_t* ist = self._row(u) + self.f_ioff[f]
         cdef double* fst = self.fstate + <int64_t>u * self.fstride + self.f_foff[f]
         cdef uint64_t* ring = <uint64_t*>(ist + 3)
         cdef int64_t d = floordiv(ts, DAY_MS)
@@ -1073,7 +1196,7 @@ cdef class Kernel:
         """score.convert's features on day D from the ring: log1p of each convert event's
         count over days D-6..D, active days / 7, days since the last active day / 7. False
         when the user had no event in those days."""
-        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[self.pred_f]
+        cdef int64_t* ist = self._row(u) + self.f_ioff[self.pred_f]
         cdef const uint64_t* ring = <const uint64_t*>(ist + 3)
         cdef int64_t head = ist[2], d, lastd = INT64_MIN
         cdef int j, active = 0
@@ -1126,7 +1249,7 @@ cdef class Kernel:
 
     cdef bint _pred_value(self, uint32_t u, int sid, int64_t t, double* out) noexcept nogil:
         """The model's value of built-in score ``sid`` for u at t (False: missing)."""
-        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[self.pred_f]
+        cdef int64_t* ist = self._row(u) + self.f_ioff[self.pred_f]
         cdef double* fst = self.fstate + <int64_t>u * self.fstride + self.f_foff[self.pred_f]
         cdef double x, tx, T, pa, E, xm, z, feats[10]
         cdef double r = self.pp[0], al = self.pp[1], a = self.pp[2], b = self.pp[3]
@@ -1191,7 +1314,7 @@ cdef class Kernel:
         if self.a_t0[a] == S_CONVERT:
             if isnan(self.pp[PP_COEF]):
                 return INT64_MAX
-            ist = self.istate + <int64_t>u * self.istride + self.f_ioff[self.pred_f]
+            ist = self._row(u) + self.f_ioff[self.pred_f]
             if ist[2] == INT64_MIN:
                 return INT64_MAX
             D = floordiv(t, DAY_MS)
@@ -1489,7 +1612,7 @@ cdef class Kernel:
         return res
 
     cdef int64_t _topk_count(self, uint32_t u, int f, int64_t t) noexcept nogil:
-        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef int64_t* ist = self._row(u) + self.f_ioff[f]
         cdef int k = self.f_k[f]
         cdef int64_t lim = t - self.f_window[f]
         cdef int c = 0
@@ -1500,7 +1623,7 @@ cdef class Kernel:
     cdef bint _value(self, uint32_t u, int f, int fn, int64_t t, double* out) noexcept nogil:
         """Feature value at time t; returns False when the value is missing."""
         cdef int kind = self.f_kind[f]
-        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef int64_t* ist = self._row(u) + self.f_ioff[f]
         cdef double* fst = self.fstate + <int64_t>u * self.fstride + self.f_foff[f]
         cdef vector[Entry]* vec
         cdef size_t i, n
@@ -1624,7 +1747,7 @@ cdef class Kernel:
         return True
 
     cdef bint _time_value(self, uint32_t u, int f, int64_t* out) noexcept nogil:
-        cdef int64_t v = self.istate[<int64_t>u * self.istride + self.f_ioff[f]]
+        cdef int64_t v = self._row(u)[self.f_ioff[f]]
         if (self.f_kind[f] == K_FIRST and v == INT64_MAX) or \
                 (self.f_kind[f] == K_LAST and v == INT64_MIN):
             return False
@@ -1634,7 +1757,7 @@ cdef class Kernel:
     cdef int64_t _next_change(self, uint32_t u, int f, int64_t t) noexcept nogil:
         """Next instant > t at which feature f's value can change without new events."""
         cdef int kind = self.f_kind[f]
-        cdef int64_t* ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+        cdef int64_t* ist = self._row(u) + self.f_ioff[f]
         cdef int64_t w = self.f_window[f]
         cdef int64_t best = INT64_MAX
         cdef int c, j
@@ -1809,7 +1932,7 @@ cdef class Kernel:
                 return True
             return cmp_v(self.a_op[a], l, self.a_k[a])
         if kind == A_ABANDON:
-            ist = self.istate + <int64_t>u * self.istride + self.f_ioff[f]
+            ist = self._row(u) + self.f_ioff[f]
             if self.f_kind[f] == K_ABANDON:
                 return ist[0] != INT64_MIN and ist[1] < ist[0] and \
                     ist[0] <= t - self.f_window[f]
@@ -2150,7 +2273,7 @@ cdef class Kernel:
                 self.heap.pop_back()
                 if self.heap.size():        # the next timer's user, while this one runs
                     nu = <uint32_t>(-self.heap.front().second)
-                    SEGCORE_PREFETCH(self.istate + <int64_t>nu * self.istride)
+                    SEGCORE_PREFETCH(self._row_addr(nu))
                     SEGCORE_PREFETCH(self.wake + nu)
                 if self.wake[u] != tt:
                     continue
@@ -2192,6 +2315,7 @@ cdef class Kernel:
                     raise ValueError(f"track: clock {ck[i]} out of range")
         if fpass.shape[0] != n * nf or vals.shape[0] != n * nv or keys.shape[0] != n * nk:
             raise ValueError("track: property columns have the wrong size")
+        cdef bint wide = False
         for i in range(n):
             if uidx[i] >= self.n_users:
                 raise ValueError(f"track: user index {uidx[i]} out of range")
@@ -2199,12 +2323,15 @@ cdef class Kernel:
                 raise ValueError(f"track: ts {ts[i]} out of range")
             if ecode[i] < 0:
                 raise ValueError("track: negative event code")
+            wide |= ts[i] > PACK_MAX
+        if wide:
+            self._widen()
         cdef uint32_t pu
         with nogil:
             for i in range(n):
                 if i + DEF_PREFETCH < n:
                     pu = uidx[i + DEF_PREFETCH]
-                    SEGCORE_PREFETCH(self.istate + <int64_t>pu * self.istride)
+                    SEGCORE_PREFETCH(self._row_addr(pu))
                     SEGCORE_PREFETCH(self.members + <int64_t>pu * self.mstride)
                     SEGCORE_PREFETCH(self.wake + pu)
                 if ck != NULL and ck[i] > self.now:
@@ -2226,6 +2353,8 @@ cdef class Kernel:
             raise ValueError(f"track_one: user index {u} out of range")
         if ts < 0 or ts >= (<int64_t>1 << 48) or e < 0:
             raise ValueError("track_one: bad event code or ts")
+        if ts > PACK_MAX:
+            self._widen()
         if fpass.shape[0] < self.n_filter or vals.shape[0] < self.n_val or \
                 keys.shape[0] < self.n_key:
             raise ValueError("track_one: property columns have the wrong size")
@@ -2237,12 +2366,12 @@ cdef class Kernel:
     cdef inline void _prefetch_user(self, uint32_t u) noexcept nogil:
         """Start fetching every cache line of a user's hot state (its counter row, float row,
         membership bits and wake-up), so that the misses overlap instead of queueing."""
-        cdef const char* p = <const char*>(self.istate + <int64_t>u * self.istride)
-        cdef int64_t i
-        for i in range(0, self.istride * 8, 64):
+        cdef const char* p = self._row_addr(u)
+        cdef int64_t i, nb = self.prow if self.packed else self.istride * 8
+        for i in range(0, nb, 64):
             SEGCORE_PREFETCH(p + i)
-        if self.istride:
-            SEGCORE_PREFETCH(p + self.istride * 8 - 1)
+        if nb:
+            SEGCORE_PREFETCH(p + nb - 1)
         p = <const char*>(self.fstate + <int64_t>u * self.fstride)
         for i in range(0, self.fstride * 8, 64):
             SEGCORE_PREFETCH(p + i)
@@ -2408,12 +2537,20 @@ cdef class Kernel:
                     self.f_kind[f] != src.f_kind[g] or \
                     (self.f_kind[f] == K_TOPK and src.f_k[g] < self.f_k[f]):
                 raise ValueError("copy_features_from: incompatible features")
+        cdef vector[int64_t] drow, srow
+        drow.resize(max(self.istride, 1))
+        srow.resize(max(src.istride, 1))
+        for u in range(self.n_users):
+            self._load_row(u, drow.data())
+            src._load_row(u, srow.data())
+            for i in range(dst_f.shape[0]):
+                f, g = dst_f[i], src_f[i]
+                for j in range(self._isize(f)):
+                    drow[self.f_ioff[f] + j] = srow[src.f_ioff[g] + j]
+            self._store_row(u, drow.data())
         for i in range(dst_f.shape[0]):
             f, g = dst_f[i], src_f[i]
             for u in range(self.n_users):
-                for j in range(self._isize(f)):
-                    self.istate[u * self.istride + self.f_ioff[f] + j] = \
-                        src.istate[u * src.istride + src.f_ioff[g] + j]
                 for j in range(self._fsize(f)):
                     self.fstate[u * self.fstride + self.f_foff[f] + j] = \
                         src.fstate[u * src.fstride + src.f_foff[g] + j]
@@ -2438,13 +2575,18 @@ cdef class Kernel:
         cdef size_t x, y
         cdef int64_t off
         cdef bint found
+        cdef vector[int64_t] drow, srow
         if dst >= self.n_users or src >= self.n_users or dst == src:
             raise ValueError("merge_into: bad user indices")
         self.sc_valid = False
+        drow.resize(max(self.istride, 1))
+        srow.resize(max(self.istride, 1))
+        self._load_row(dst, drow.data())
+        self._load_row(src, srow.data())
         for f in range(self.n_feat):
             kind = self.f_kind[f]
-            d = self.istate + <int64_t>dst * self.istride + self.f_ioff[f]
-            s = self.istate + <int64_t>src * self.istride + self.f_ioff[f]
+            d = drow.data() + self.f_ioff[f]
+            s = srow.data() + self.f_ioff[f]
             fd = self.fstate + <int64_t>dst * self.fstride + self.f_foff[f]
             fs = self.fstate + <int64_t>src * self.fstride + self.f_foff[f]
             if self.f_var[f] >= 0:
@@ -2575,6 +2717,8 @@ cdef class Kernel:
                         vd[0][y - 1].key += self.scratch[x].key
                     else:
                         vd.push_back(self.scratch[x])
+        if self.istride:
+            self._store_row(dst, drow.data())
 
     def take_evicted(self):
         """The number of seq events evicted (docs/patterns.md) since the last call."""
@@ -2589,8 +2733,8 @@ cdef class Kernel:
         if u >= self.n_users:
             raise ValueError("forget: user index out of range")
         self.sc_valid = False
-        for j in range(self.istride):
-            self.istate[<int64_t>u * self.istride + j] = self.irow_init[j]
+        if self.istride:
+            self._store_row(u, self.iinit)
         for j in range(self.fstride):
             self.fstate[<int64_t>u * self.fstride + j] = self.frow_init[j]
         for j in range(self.n_var):
@@ -2714,15 +2858,22 @@ cdef class Kernel:
                 raise ValueError("migrate_from: item map out of range")
         self.add_users(n, np.ascontiguousarray(old._bucket[:n]))
         self.now = old.now
+        cdef vector[int64_t] nrow, orow
+        nrow.resize(max(self.istride, 1))
+        orow.resize(max(old.istride, 1))
         for u in range(n):
+            self._load_row(u, nrow.data())
+            old._load_row(u, orow.data())
+            for f in range(self.n_feat):
+                fo = fmap[f]
+                if fo >= 0:
+                    for j in range(self._isize(f)):
+                        nrow[self.f_ioff[f] + j] = orow[old.f_ioff[fo] + j]
+            self._store_row(u, nrow.data())
             for f in range(self.n_feat):
                 fo = fmap[f]
                 if fo < 0:
                     continue
-                k = self._isize(f)
-                for j in range(k):
-                    self.istate[u * self.istride + self.f_ioff[f] + j] = \
-                        old.istate[u * old.istride + old.f_ioff[fo] + j]
                 for j in range(self._fsize(f)):
                     self.fstate[u * self.fstride + self.f_foff[f] + j] = \
                         old.fstate[u * old.fstride + old.f_foff[fo] + j]
@@ -2765,7 +2916,7 @@ cdef class Kernel:
         nseg1 = max(self.n_seg, 1)
         return {
             "now": int(self.now), "n_users": int(n),
-            "istate": self._istate[: n * self.istride].copy(),
+            "istate": self._rows_int64(n),
             "fstate": self._fstate[: n * self.fstride].copy(),
             "members": self._member_bytes(n),
             "tbits": self._tbits[: n * self.n_trait].copy(),
@@ -2777,6 +2928,16 @@ cdef class Kernel:
             "pool_count": counts, "pool_ts": pts, "pool_val": pval, "pool_key": pkey,
             "pool_aux": paux,
         }
+
+    def _rows_int64(self, int64_t n):
+        """The first n users' rows as one int64 array (row-major)."""
+        out = np.empty(n * self.istride, dtype=np.int64)
+        cdef int64_t[::1] mo = out
+        cdef int64_t u
+        if self.istride:
+            for u in range(n):
+                self._load_row(u, &mo[u * self.istride])
+        return out
 
     def import_state(self, dict st not None):
         """Load :meth:`export_state` output into this empty kernel (same plan). Every size and
@@ -2820,7 +2981,11 @@ cdef class Kernel:
                     raise ValueError("import_state: journey position out of range")
         self.add_users(n, arrs["bucket"])
         self.now = now
-        self._istate[: n * self.istride] = arrs["istate"]
+        cdef const int64_t[::1] mis = arrs["istate"]
+        cdef int64_t u
+        if self.istride:
+            for u in range(n):
+                self._store_row(u, &mis[u * self.istride])
         self._fstate[: n * self.fstride] = arrs["fstate"]
         if n:
             self._members[: n * self.mstride] = np.packbits(
@@ -3160,6 +3325,8 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
         d = eng._create_int_user(uid)
         if not 0 <= d < k.n_users:
             raise RuntimeError("track_fast: a new user was not created")
+    if t > PACK_MAX:
+        k._widen()
     k._one(<uint32_t>d, code, t, fp, vp, kp)
     fs.single += 1
     counts[code] += 1
