@@ -11,7 +11,7 @@ one event. Beside it:
 * the kernel's own accounting (``stats()["memory_bytes"]``: state arrays, window pools, timer
   heap).
 
-    python bench/memory.py --size small [--repeat 3]
+    python bench/memory.py --size small [--repeat 3] [--compact-rows]
 """
 
 import argparse
@@ -35,7 +35,7 @@ codes = None
 cols = [(b.user, b.event_code, b.ts, b.props["amount"], b.props["category"])
         for b in w.batches(100_000)]
 before = rss()
-eng = segcore.Engine()
+eng = segcore.Engine(compact_rows=sys.argv[2] == "compact")
 eng.add_segments(DEFAULT_SEGMENTS)
 codes = np.array([eng.event_code(n) for n in w.event_types], dtype=np.int32)
 eng.set_traits_many(user=w.trait_user, **w.traits)
@@ -57,9 +57,9 @@ print(json.dumps({"users": st["users"], "active_users": active, "events": st["ev
 """
 
 
-def measure(size: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, size], check=True, capture_output=True,
-                         text=True, env=dict(os.environ))
+def measure(size: str, compact: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, size, "compact" if compact else "wide"],
+                         check=True, capture_output=True, text=True, env=dict(os.environ))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -67,11 +67,13 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compact-rows", action="store_true",
+                    help="measure Engine(compact_rows=True)")
     args = ap.parse_args(argv)
-    runs = [measure(args.size) for _ in range(args.repeat)]
+    runs = [measure(args.size, args.compact_rows) for _ in range(args.repeat)]
     r0 = runs[0]
     rss = sorted(r["rss_delta"] for r in runs)[len(runs) // 2]
-    print(f"size={args.size} users={r0['users']:,} active={r0['active_users']:,} "
+    print(f"size={args.size} compact_rows={args.compact_rows} users={r0['users']:,} active={r0['active_users']:,} "
           f"events={r0['events']:,}")
     print(f"RSS delta (median of {len(runs)}): {rss / r0['active_users']:.0f} bytes/active user "
           f"({rss / 2**20:.1f} MiB)")

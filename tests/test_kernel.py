@@ -124,10 +124,10 @@ def test_kernel_rejects_an_age_test_on_a_feature_without_a_time():
         Kernel(arrays)
 
 
-def _counting_kernel(rules):
+def _counting_kernel(rules, compact=False):
     codes = {}
     plan = compile_segments(rules, lambda n: codes.setdefault(n, len(codes)))
-    k = Kernel(plan.arrays)
+    k = Kernel(plan.arrays, compact)
     k.add_users(1, np.zeros(1, dtype=np.int32))
     return k, plan, codes
 
@@ -297,9 +297,10 @@ def test_membership_flags_span_bytes_and_survive_export_and_import():
 def test_packed_counter_rows_keep_every_value_and_widen_for_those_that_do_not_fit():
     rules = {"a": "count(x, 1d) >= 2", "b": "first_seen >= now - 1d", "c": "count(y) >= 1",
              "d": "abandoned(x, y, 1h)"}
-    k, plan, codes = _counting_kernel(rules)
+    k, plan, codes = _counting_kernel(rules, compact=True)
     k.add_users(2, np.zeros(2, dtype=np.int32))
     assert k.packed and k.istride == 6
+    assert not _counting_kernel(rules)[0].packed              # (int64 rows by default)
     init = plan.arrays["irow_init"]
     st = k.export_state()
     assert list(st["istate"]) == list(init) * 3          # fresh rows read as the sentinels
@@ -312,10 +313,10 @@ def test_packed_counter_rows_keep_every_value_and_widen_for_those_that_do_not_fi
     st = k.export_state()
     odd = st["istate"].copy()
     odd[6:12] = [-5, 2**62, init[2], 7, np.iinfo(np.int64).max, 3]     # user 1: not packable
-    twin = Kernel(plan.arrays)
+    twin = Kernel(plan.arrays, compact=True)
     twin.import_state(dict(st, istate=odd))
     assert not twin.packed and list(twin.export_state()["istate"]) == list(odd)
-    same = Kernel(plan.arrays)
+    same = Kernel(plan.arrays, compact=True)
     same.import_state(st)
     assert same.packed and list(same.export_state()["istate"]) == list(st["istate"])
     # forgetting resets the row; the user's neighbours keep theirs

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import segcore
-from segcore import EventError, RuleError, Transition
+from segcore import Engine, EventError, RuleError, SegcoreError, Transition
 
 H = 3_600_000
 D = 24 * H
@@ -542,10 +542,11 @@ def test_json_that_is_not_unicode_is_an_event_error(make_engine, body):
 
 @pytest.mark.parametrize("batch", [False, True])
 def test_the_last_millisecond_before_2_48_is_exact(make_engine, engine_kind, batch):
-    """The kernel packs counters in 48 bits; the last valid ts (2**48 - 1) does not fit, and
-    must change nothing about the answers (the kernel then keeps int64 rows)."""
+    """With compact_rows the kernel packs counters in 48 bits; the last valid ts (2**48 - 1)
+    does not fit, and must change nothing about the answers (the kernel then keeps int64
+    rows)."""
     last = 2**48 - 1
-    eng = make_engine()
+    eng = make_engine(compact_rows=True)
     eng.add_segments({"recent": "did(x, 1h)", "three": "count(x) >= 3",
                       "new": "first_seen >= now - 7d", "quiet": "seen and inactive(1h)"})
     eng.track(1, "x", ts=last - 3 * 3_600_000)
@@ -570,6 +571,24 @@ def test_the_last_millisecond_before_2_48_is_exact(make_engine, engine_kind, bat
     got = send(3, last - 1)                 # late, after the rows changed form
     assert sorted(t.segment for t in got) == ["new", "recent"]
     assert eng.now == last and eng.stats()["events"] == 5
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_compact_rows_must_be_a_bool(make_engine, bad):
+    with pytest.raises(SegcoreError, match="compact_rows must be True or False"):
+        make_engine(compact_rows=bad)
+
+
+def test_compact_rows_are_packed_unless_the_plan_has_predictive_scores():
+    eng = Engine(compact_rows=True)
+    eng.add_segment("two", "count(x) >= 2")
+    assert eng._kernel.packed and not Engine()._new_kernel(eng._plan).packed
+    pred = Engine(compact_rows=True, predictive=True)
+    pred.add_segment("two", "count(x) >= 2")
+    assert not pred._kernel.packed
+    for e in (eng, pred):
+        e.track_many(user=[1, 1, 2], event=["x", "x", "x"], ts=[1, 2, 3])
+        assert list(e.members("two")) == [1]
 
 
 def test_rule_errors_leave_segments_unchanged(make_engine):

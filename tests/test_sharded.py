@@ -260,7 +260,8 @@ def test_constructor_arguments_are_checked(tmp_path):
                         (dict(n_shards=4, slots=2), "slots"),
                         (dict(n_shards=2, backend="spark"), "backend"),
                         (dict(n_shards=2, clock=5), "clock"),
-                        (dict(n_shards=2, checkpoint_rows=0), "checkpoint_rows")]:
+                        (dict(n_shards=2, checkpoint_rows=0), "checkpoint_rows"),
+                        (dict(n_shards=2, compact_rows=1), "compact_rows must be True or False")]:
         with pytest.raises(segcore.SegcoreError, match=msg):
             segcore.ShardedEngine(**kwargs)
     segcore.ShardedEngine(2, data_dir=tmp_path / "d").close()
@@ -272,6 +273,18 @@ def test_constructor_arguments_are_checked(tmp_path):
     (tmp_path / "bad" / "sharded.json").write_text('{"format": 1, "n_shards": 2}')
     with pytest.raises(segcore.SnapshotError, match="not a valid sharded layout"):
         segcore.ShardedEngine.open(tmp_path / "bad")
+
+
+def test_compact_rows_reach_every_shard_and_survive_a_reopen(tmp_path):
+    many = segcore.ShardedEngine(2, {"two": "count(x) >= 2"}, compact_rows=True,
+                                 data_dir=tmp_path / "d")
+    many.track_many(user=[1, 2, 1], event=["x", "x", "x"], ts=[1, 2, 3])
+    assert [h.eng._kernel.packed for h in many._backend.hosts] == [True, True]
+    many.close()
+    back = segcore.ShardedEngine.open(tmp_path / "d")
+    assert [h.eng._kernel.packed for h in back._backend.hosts] == [True, True]
+    assert list(back.members("two")) == [1]
+    back.close()
 
 
 def test_wall_clock_moves_every_shard():

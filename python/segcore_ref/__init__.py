@@ -338,6 +338,9 @@ class RefEngine:
         Accepted for compatibility with :class:`segcore.Engine` (the cap of the events kept
         per user and ``seq``); the reference keeps every event and never evicts, so
         ``stats()["seq_evicted"]`` is always 0.
+    compact_rows : bool, default False
+        Accepted for compatibility with :class:`segcore.Engine` (its counters' storage; the
+        semantics are the same either way).
 
     Attributes
     ----------
@@ -395,7 +398,10 @@ class RefEngine:
 
     def __init__(self, clock: Callable[[], float] | None = None, max_future="5m", seed: int = 0,
                  dedup_horizon="1d", event_types=None, max_queued_firings: int = 1_000_000,
-                 session_timeout="30m", seq_max_events: int = 1024, predictive=None):
+                 session_timeout="30m", seq_max_events: int = 1024, predictive=None,
+                 compact_rows: bool = False):
+        if not isinstance(compact_rows, bool):
+            raise SegcoreError("compact_rows must be True or False")
         self._pred = _predict_spec(predictive)
         self._pred_model = _pred_fit.PredictiveModel()
         self._pred_cmps: list[tuple[str, float]] = []

@@ -9,12 +9,14 @@ float columns, keeps every user's hot state in flat typed arrays, and appends
 Invariants (see docs/semantics.md):
 
 * ``now`` never decreases; every evaluation happens at a time >= every earlier evaluation.
-* A user's counter row is ``istride`` int64 values. Unless the plan has predictive scores (whose
-  day ring packs 16-bit counters into int64 words), rows are stored packed, 6 bytes a value
-  (see ``_row``): the code 0 is the slot's initial value (its "none" sentinel, or a count's 0)
-  and any other code is the value plus 1, so every timestamp below 2**48 - 1 and every count
-  below 2**48 - 1 fits. A value that does not fit (the last millisecond ts = 2**48 - 1, or a
-  snapshot's) turns the table to int64 rows for good (``_widen``) before it is stored.
+* A user's counter row is ``istride`` int64 values. In a compact kernel (``Kernel(plan,
+  compact=True)``) whose plan has no predictive scores (their day ring packs 16-bit counters
+  into int64 words), rows are stored packed, 6 bytes a value (see ``_row``; the low 32 bits
+  of every code, then the high 16): the code 0 is the slot's initial value (its "none"
+  sentinel, or a count's 0) and any other code is the value plus 1, so every timestamp below
+  2**48 - 1 and every count below 2**48 - 1 fits. A value that does not fit (the last
+  millisecond ts = 2**48 - 1, or a snapshot's) turns the table to int64 rows for good
+  (``_widen``) before it is stored.
 * ``wake[u]`` is the next instant > last evaluation of ``u`` at which any time-dependent input
   of ``u`` can change (a windowed event expiring, an abandoned cart maturing, an age test
   flipping), or INT64_MAX. The heap holds ``(wake, u)`` pairs; entries whose time differs from
@@ -123,9 +125,6 @@ cdef int64_t DAY_MS = 86400000
 cdef int64_t ID_LIMIT = (<int64_t>1 << 32) - 2
 #: the largest value a packed counter slot holds besides its initial value
 cdef int64_t PACK_MAX = (<int64_t>1 << 48) - 2
-cdef uint64_t MASK48 = ((<uint64_t>1) << 48) - 1
-#: tests set this to build kernels with int64 rows whatever their plan
-_wide_rows_only = [False]
 #: how far ahead one search for a score's crossing looks (~2230 years); past it, re-check then
 cdef int64_t PRED_REACH = (<int64_t>1) << 46
 
@@ -150,6 +149,33 @@ cdef extern from *:
     #define SEGCORE_PREFETCH(p) __builtin_prefetch((const void*)(p), 1, 1)
     """
     void SEGCORE_PREFETCH(const void* p) nogil
+
+cdef extern from *:
+    """
+    /* A packed counter row of n values: the low 32 bits of every code, then the high 16
+       (the planes keep both loops free of overlapping stores, so they vectorise). */
+    static inline void segcore_unpack(const uint8_t* p, int64_t* __restrict out,
+                                      const int64_t* __restrict init, int64_t n) {
+        const uint32_t* lo = (const uint32_t*)p;
+        const uint16_t* hi = (const uint16_t*)(p + 4 * n);
+        for (int64_t j = 0; j < n; j++) {
+            uint64_t x = ((uint64_t)hi[j] << 32) | lo[j];
+            out[j] = x == 0 ? init[j] : (int64_t)x - 1;
+        }
+    }
+    static inline void segcore_pack(const int64_t* __restrict v, uint8_t* p,
+                                    const int64_t* __restrict init, int64_t n) {
+        uint32_t* lo = (uint32_t*)p;
+        uint16_t* hi = (uint16_t*)(p + 4 * n);
+        for (int64_t j = 0; j < n; j++) {
+            uint64_t x = v[j] == init[j] ? 0 : (uint64_t)(v[j] + 1);
+            lo[j] = (uint32_t)x;
+            hi[j] = (uint16_t)(x >> 32);
+        }
+    }
+    """
+    void segcore_unpack(const uint8_t* p, int64_t* out, const int64_t* init, int64_t n) nogil
+    void segcore_pack(const int64_t* v, uint8_t* p, const int64_t* init, int64_t n) nogil
 
 #: How many events ahead track() prefetches a user's state (hides DRAM latency at 1M users).
 cdef enum:
@@ -303,7 +329,6 @@ cdef class Kernel:
     cdef uint8_t* pstate
     cdef int64_t prow, rc_u
     cdef vector[int64_t] rc
-    cdef vector[uint8_t] pbuf
     cdef const int64_t* iinit
     cdef double* fstate
     cdef uint8_t* members       # membership flags, one bit per segment, mstride bytes a user
@@ -337,7 +362,10 @@ cdef class Kernel:
     cdef vector[int64_t] tr_t
     cdef vector[Entry] scratch
 
-    def __init__(self, dict plan):
+    def __init__(self, dict plan, bint compact=False):
+        """A kernel for one compiled plan; ``compact`` stores the counter rows packed (6
+        bytes a value instead of 8, ``Engine(compact_rows=True)``) unless the plan has
+        predictive scores."""
         self.f_kind = _i32(plan["f_kind"])
         self.n_feat = self.f_kind.shape[0]
         self.f_event = _i32(plan["f_event"])
@@ -421,11 +449,10 @@ cdef class Kernel:
         self.frow_init = _f64(plan["frow_init"])
         self._check_plan()
         self.iinit = &self.irow_init[0] if self.istride else NULL
-        self.packed = self.pred_f < 0 and self.istride > 0 and not _wide_rows_only[0]
-        self.prow = 6 * self.istride
+        self.packed = compact and self.pred_f < 0 and self.istride > 0
+        self.prow = (6 * self.istride + 3) // 4 * 4   # (4-aligned: the low plane is uint32)
         self.rc_u = -1
         self.rc.resize(max(self.istride, 1))
-        self.pbuf.resize(self.prow + 8)
         self._wake_index()
         self.wheel.resize(WHEEL_N)
         self.row_f = np.zeros(max(self.n_filter, 1), dtype=np.uint8)
@@ -797,8 +824,8 @@ cdef class Kernel:
         cdef int64_t nseg = self.mstride         # bytes of membership bits a user
         cdef int64_t ntr = self.n_trait
         cdef int64_t nsc = self.n_score
-        # (packed: zero codes are initial values; 8 spare bytes let the last slot load as 8)
-        istate = np.zeros(cap * self.prow + 8, dtype=np.uint8) if self.packed else \
+        # (packed: zero codes are initial values)
+        istate = np.zeros(max(cap * self.prow, 1), dtype=np.uint8) if self.packed else \
             np.zeros(cap * istride, dtype=np.int64)
         fstate = np.zeros(cap * fstride, dtype=np.float64)
         members = np.zeros(cap * nseg, dtype=np.uint8)
@@ -908,21 +935,10 @@ cdef class Kernel:
         return <const char*>(self.istate + <int64_t>u * self.istride)
 
     cdef inline void _unpack(self, const uint8_t* p, int64_t* out) noexcept nogil:
-        cdef int j
-        cdef uint64_t x
-        for j in range(self.istride):
-            memcpy(&x, p + 6 * j, 8)
-            x &= MASK48
-            out[j] = self.iinit[j] if x == 0 else <int64_t>x - 1
+        segcore_unpack(p, out, self.iinit, self.istride)
 
     cdef inline void _pack(self, const int64_t* v, uint8_t* p) noexcept nogil:
-        cdef int j
-        cdef uint64_t x
-        cdef uint8_t* b = self.pbuf.data()
-        for j in range(self.istride):
-            x = 0 if v[j] == self.iinit[j] else <uint64_t>(v[j] + 1)
-            memcpy(b + 6 * j, &x, 8)
-        memcpy(p, b, self.prow)
+        segcore_pack(v, p, self.iinit, self.istride)
 
     cdef inline void _flush(self) noexcept nogil:
         """Write the decoded row back to the packed table (before reading the table whole)."""

@@ -230,8 +230,9 @@ class ShardedEngine:
 
     ``rules`` is a mapping of segment name -> rule (or None). With ``data_dir`` every shard
     keeps a snapshot and write-ahead log in ``data_dir/shard-<k>`` (needed to survive a
-    shard's death; reopen with :meth:`open`). ``clock``, ``max_future``, ``seed`` and
-    ``dedup_horizon`` mean what they mean for :class:`~segcore.Engine`.
+    shard's death; reopen with :meth:`open`). ``clock``, ``max_future``, ``seed``,
+    ``dedup_horizon``, ``session_timeout``, ``seq_max_events`` and ``compact_rows`` mean what
+    they mean for :class:`~segcore.Engine`.
     """
 
     def __init__(self, n_shards: int, rules: Mapping[str, Any] | None = None,
@@ -240,7 +241,8 @@ class ShardedEngine:
                  max_future="5m", seed: int = 0, dedup_horizon="1d",
                  max_queued_firings: int = 1_000_000, checkpoint_rows: int = 1_000_000,
                  actor_options: dict | None = None, session_timeout="30m",
-                 seq_max_events: int = 1024, _layout: dict | None = None):
+                 seq_max_events: int = 1024, compact_rows: bool = False,
+                 _layout: dict | None = None):
         if isinstance(n_shards, bool) or not isinstance(n_shards, int) or not \
                 1 <= n_shards <= 4096:
             raise SegcoreError("n_shards must be an int in 1..4096")
@@ -261,7 +263,7 @@ class ShardedEngine:
         self._options = {"max_future": R.parse_duration(max_future), "seed": seed,
                          "dedup_horizon": R.parse_duration(dedup_horizon),
                          "session_timeout": R.parse_duration(session_timeout),
-                         "seq_max_events": seq_max_events}
+                         "seq_max_events": seq_max_events, "compact_rows": compact_rows}
         # the schema engine: rules, triggers, event codes, values, dedup ids; no users
         self._schema = Engine(**self._options)
         self._schema._no_local = True
@@ -1067,7 +1069,8 @@ class ShardedEngine:
                   max_future=opts["max_future"], seed=opts["seed"],
                   dedup_horizon=opts["dedup_horizon"],
                   session_timeout=opts.get("session_timeout", "30m"),
-                  seq_max_events=opts.get("seq_max_events", 1024), _layout=layout, **kwargs)
+                  seq_max_events=opts.get("seq_max_events", 1024),
+                  compact_rows=opts.get("compact_rows", False), _layout=layout, **kwargs)
         unknown = sorted(set(callbacks or {}) - set(eng._fns))
         if unknown:
             eng.close()

@@ -119,6 +119,7 @@ class Meta(msgspec.Struct, frozen=True):
     shard_seq: int = 0                       # last call applied from a ShardedEngine driver
     session_ms: int = 1_800_000              # Engine(session_timeout=...)
     seq_cap: int = 1024                      # Engine(seq_max_events=...)
+    compact: bool = False                    # Engine(compact_rows=...)
     predictive: Union[dict[str, Any], None] = None   # Engine(predictive=...), normalised
     pred_model: Any = None                   # its fitted model (PredictiveModel builtins)
 
@@ -205,7 +206,7 @@ def state(eng) -> tuple["Meta", dict]:
     n = eng._n_users
     meta = Meta(
         max_future_ms=eng._max_future_ms, seed=eng._seed, dedup_ms=eng._dedup_ms,
-        session_ms=eng._session_ms, seq_cap=eng._seq_cap,
+        session_ms=eng._session_ms, seq_cap=eng._seq_cap, compact=eng._compact,
         event_types=None if eng._event_types is None else sorted(eng._event_types),
         max_queue=eng._max_queue,
         segments=list(eng._texts.items()),
@@ -330,7 +331,8 @@ def _rebuild(meta: Meta, arrays: dict, clock, callbacks, derive_bitmaps=False):
         eng = Engine(clock=clock, max_future=meta.max_future_ms, seed=meta.seed,
                      dedup_horizon=meta.dedup_ms, event_types=meta.event_types,
                      max_queued_firings=meta.max_queue, session_timeout=meta.session_ms,
-                     seq_max_events=meta.seq_cap, predictive=meta.predictive)
+                     seq_max_events=meta.seq_cap, predictive=meta.predictive,
+                     compact_rows=meta.compact)
         if meta.pred_model is not None and eng._pred is not None:
             from .predict import PredictiveModel
             eng._pred_model = PredictiveModel.coerce(meta.pred_model, eng._pred)
