@@ -147,14 +147,16 @@ ctypedef pair[int64_t, int64_t] HeapItem
 cdef extern from *:
     """
     #define SEGCORE_PREFETCH(p) __builtin_prefetch((const void*)(p), 1, 1)
+    #define SEGCORE_LIKELY(x) __builtin_expect(!!(x), 1)
     """
     void SEGCORE_PREFETCH(const void* p) nogil
+    bint SEGCORE_LIKELY(bint x) nogil
 
 cdef extern from *:
     """
     /* A packed counter row of n values: the low 32 bits of every code, then the high 16
        (the planes keep both loops free of overlapping stores, so they vectorise). */
-    static inline void segcore_unpack(const uint8_t* p, int64_t* __restrict out,
+    static __attribute__((noinline)) void segcore_unpack(const uint8_t* p, int64_t* __restrict out,
                                       const int64_t* __restrict init, int64_t n) {
         const uint32_t* lo = (const uint32_t*)p;
         const uint16_t* hi = (const uint16_t*)(p + 4 * n);
@@ -163,7 +165,7 @@ cdef extern from *:
             out[j] = x == 0 ? init[j] : (int64_t)x - 1;
         }
     }
-    static inline void segcore_pack(const int64_t* __restrict v, uint8_t* p,
+    static __attribute__((noinline)) void segcore_pack(const int64_t* __restrict v, uint8_t* p,
                                     const int64_t* __restrict init, int64_t n) {
         uint32_t* lo = (uint32_t*)p;
         uint16_t* hi = (uint16_t*)(p + 4 * n);
@@ -919,14 +921,19 @@ cdef class Kernel:
         """User u's counter row as int64 values, to read and write in place. Packed, it is
         the decoded copy ``rc`` (written back when another user's row is asked for, or at
         _flush): never hold it across a _row call for another user."""
-        if not self.packed:
+        if SEGCORE_LIKELY(not self.packed):
             return self.istate + <int64_t>u * self.istride
         if <int64_t>u != self.rc_u:
-            if self.rc_u >= 0:
-                self._pack(self.rc.data(), self.pstate + self.rc_u * self.prow)
-            self._unpack(self.pstate + <int64_t>u * self.prow, self.rc.data())
-            self.rc_u = u
+            self._switch_row(u)
         return self.rc.data()
+
+    cdef void _switch_row(self, uint32_t u) noexcept nogil:
+        """Write the decoded row back and decode user u's (kept out of line, so that _row
+        stays small wherever it is inlined)."""
+        if self.rc_u >= 0:
+            self._pack(self.rc.data(), self.pstate + self.rc_u * self.prow)
+        self._unpack(self.pstate + <int64_t>u * self.prow, self.rc.data())
+        self.rc_u = u
 
     cdef inline const char* _row_addr(self, uint32_t u) noexcept nogil:
         """Where user u's row is stored (to prefetch)."""
