@@ -73,7 +73,8 @@ def main(argv=None) -> list[dict]:
     runs = [measure(args.size, args.compact_rows) for _ in range(args.repeat)]
     r0 = runs[0]
     rss = sorted(r["rss_delta"] for r in runs)[len(runs) // 2]
-    print(f"size={args.size} compact_rows={args.compact_rows} users={r0['users']:,} active={r0['active_users']:,} "
+    print(f"size={args.size} compact_rows={args.compact_rows} users={r0['users']:,} "
+          f"active={r0['active_users']:,} "
           f"events={r0['events']:,}")
     print(f"RSS delta (median of {len(runs)}): {rss / r0['active_users']:.0f} bytes/active user "
           f"({rss / 2**20:.1f} MiB)")

@@ -847,8 +847,8 @@ cdef class Kernel:
             fresh[:old] = self._fresh[:old]
             dead[: old * ni] = self._dead[: old * ni]
             jpos[: old * ni] = self._jpos[: old * ni]
-            istate[: old * (self.prow if self.packed else istride)] = \
-                self._istate[: old * (self.prow if self.packed else istride)]
+            rowlen = self.prow if self.packed else istride     # (bytes or int64s)
+            istate[: old * rowlen] = self._istate[: old * rowlen]
             fstate[: old * fstride] = self._fstate[: old * fstride]
             members[: old * nseg] = self._members[: old * nseg]
             tbits[: old * ntr] = self._tbits[: old * ntr]
@@ -956,6 +956,11 @@ cdef class Kernel:
     cdef inline bint _fits(self, int64_t v, int j) noexcept nogil:
         """Whether slot j of a packed row can hold v."""
         return v == self.iinit[j] or 0 <= v <= PACK_MAX
+
+    cdef inline void _admit_ts(self, int64_t ts) except *:
+        """Before an event at ts: turn packed rows to int64 if they cannot hold ts."""
+        if self.packed and ts > PACK_MAX:
+            self._widen()
 
     cdef void _widen(self) except *:
         """Store the rows as int64 from now on (a value arrived that packed rows cannot
@@ -2338,7 +2343,7 @@ cdef class Kernel:
                     raise ValueError(f"track: clock {ck[i]} out of range")
         if fpass.shape[0] != n * nf or vals.shape[0] != n * nv or keys.shape[0] != n * nk:
             raise ValueError("track: property columns have the wrong size")
-        cdef bint wide = False
+        cdef int64_t tmax = -1
         for i in range(n):
             if uidx[i] >= self.n_users:
                 raise ValueError(f"track: user index {uidx[i]} out of range")
@@ -2346,9 +2351,10 @@ cdef class Kernel:
                 raise ValueError(f"track: ts {ts[i]} out of range")
             if ecode[i] < 0:
                 raise ValueError("track: negative event code")
-            wide |= ts[i] > PACK_MAX
-        if wide:
-            self._widen()
+        if self.packed:
+            for i in range(n):
+                tmax = max(tmax, ts[i])
+            self._admit_ts(tmax)
         cdef uint32_t pu
         with nogil:
             for i in range(n):
@@ -2376,8 +2382,7 @@ cdef class Kernel:
             raise ValueError(f"track_one: user index {u} out of range")
         if ts < 0 or ts >= (<int64_t>1 << 48) or e < 0:
             raise ValueError("track_one: bad event code or ts")
-        if ts > PACK_MAX:
-            self._widen()
+        self._admit_ts(ts)
         if fpass.shape[0] < self.n_filter or vals.shape[0] < self.n_val or \
                 keys.shape[0] < self.n_key:
             raise ValueError("track_one: property columns have the wrong size")
@@ -2560,17 +2565,7 @@ cdef class Kernel:
                     self.f_kind[f] != src.f_kind[g] or \
                     (self.f_kind[f] == K_TOPK and src.f_k[g] < self.f_k[f]):
                 raise ValueError("copy_features_from: incompatible features")
-        cdef vector[int64_t] drow, srow
-        drow.resize(max(self.istride, 1))
-        srow.resize(max(src.istride, 1))
-        for u in range(self.n_users):
-            self._load_row(u, drow.data())
-            src._load_row(u, srow.data())
-            for i in range(dst_f.shape[0]):
-                f, g = dst_f[i], src_f[i]
-                for j in range(self._isize(f)):
-                    drow[self.f_ioff[f] + j] = srow[src.f_ioff[g] + j]
-            self._store_row(u, drow.data())
+        self._copy_counters(src, dst_f, src_f)
         for i in range(dst_f.shape[0]):
             f, g = dst_f[i], src_f[i]
             for u in range(self.n_users):
@@ -2580,6 +2575,27 @@ cdef class Kernel:
                 if self.f_var[f] >= 0:
                     self.pools[<size_t>u * self.n_var + self.f_var[f]] = \
                         src.pools[<size_t>u * src.n_var + src.f_var[g]]
+
+    cdef void _copy_counters(self, Kernel src, const int32_t[::1] dst_f,
+                             const int32_t[::1] src_f) except *:
+        """Copy the counters of features ``src_f`` of ``src`` into features ``dst_f``, for
+        every user (row by row, decoded, so that either kernel may have packed rows)."""
+        cdef int64_t u, j
+        cdef Py_ssize_t i
+        cdef int f, g
+        cdef vector[int64_t] drow, srow
+        if not self.istride:
+            return
+        drow.resize(self.istride)
+        srow.resize(max(src.istride, 1))
+        for u in range(self.n_users):
+            self._load_row(u, drow.data())
+            src._load_row(u, srow.data())
+            for i in range(dst_f.shape[0]):
+                f, g = dst_f[i], src_f[i]
+                for j in range(self._isize(f)):
+                    drow[self.f_ioff[f] + j] = srow[src.f_ioff[g] + j]
+            self._store_row(u, drow.data())
 
     def merge_into(self, uint32_t dst, uint32_t src):
         """Fold user ``src``'s feature state into ``dst`` as if ``dst`` had received all of
@@ -2881,18 +2897,9 @@ cdef class Kernel:
                 raise ValueError("migrate_from: item map out of range")
         self.add_users(n, np.ascontiguousarray(old._bucket[:n]))
         self.now = old.now
-        cdef vector[int64_t] nrow, orow
-        nrow.resize(max(self.istride, 1))
-        orow.resize(max(old.istride, 1))
+        kept = np.flatnonzero(np.asarray(fmap) >= 0).astype(np.int32)
+        self._copy_counters(old, kept, np.asarray(fmap)[kept])
         for u in range(n):
-            self._load_row(u, nrow.data())
-            old._load_row(u, orow.data())
-            for f in range(self.n_feat):
-                fo = fmap[f]
-                if fo >= 0:
-                    for j in range(self._isize(f)):
-                        nrow[self.f_ioff[f] + j] = orow[old.f_ioff[fo] + j]
-            self._store_row(u, nrow.data())
             for f in range(self.n_feat):
                 fo = fmap[f]
                 if fo < 0:
@@ -3348,8 +3355,7 @@ cdef object _track_fast(object eng, object user, object event, object ts, object
         d = eng._create_int_user(uid)
         if not 0 <= d < k.n_users:
             raise RuntimeError("track_fast: a new user was not created")
-    if t > PACK_MAX:
-        k._widen()
+    k._admit_ts(t)
     k._one(<uint32_t>d, code, t, fp, vp, kp)
     fs.single += 1
     counts[code] += 1

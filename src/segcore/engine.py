@@ -567,9 +567,9 @@ class Engine:
     compact_rows : bool
         Store each user's counters in 6 bytes instead of 8 (default ``False``): a fifth less
         memory per user (193 instead of 247 bytes on the canonical workload) for a quarter
-        less ``track_many`` throughput (docs/performance.md). Exact either way: a timestamp or count
-        that 6 bytes cannot hold (from the year 10889 on) turns the engine back to 8-byte
-        counters. Ignored with ``predictive``.
+        less ``track_many`` throughput (docs/performance.md). Exact either way: a timestamp or
+        count that 6 bytes cannot hold (from the year 10889 on) turns the engine back to
+        8-byte counters. Ignored with ``predictive``.
 
     Examples
     --------
